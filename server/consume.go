@@ -1,0 +1,678 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
+	"github.com/qbridge/qbridge/server/broker"
+)
+
+// Consume delivery design
+//
+// Each qbridge instance runs one dispatcher per queue that has Consume
+// streams on it. The dispatcher is the only goroutine that takes messages
+// from Redis for that queue on this instance:
+//
+//   - it asks each stream with credit (max_in_flight minus what it holds) for
+//     up to that many messages with one claim script call, which moves them
+//     from the ready list to the inflight hash atomically;
+//   - the script reports how many remain, so the dispatcher serves further
+//     streams only while there is something left;
+//   - when the queue is empty it blocks in Redis with BLMOVE from the list to
+//     itself (a wait that takes nothing), so thousands of idle streams cost
+//     one blocked connection per queue, and a new message wakes it at once.
+//
+// A stream's goroutine sends what the dispatcher hands it. When the stream
+// ends, for whatever reason, it requeues everything it still holds at the
+// head of the queue (fenced by lease id, so a delivery that was already
+// settled or reaped is left alone).
+
+// consumer is the state of one Consume stream.
+type consumer struct {
+	id      uint64
+	queue   string
+	window  int
+	lease   time.Duration
+	autoAck bool
+	inbox   chan []broker.Lease // capacity window: never blocks the dispatcher
+
+	mu     sync.Mutex
+	held   map[string]time.Time // lease id -> deadline, for leases taken for this stream and not settled
+	unsent int                  // auto-ack: popped, not yet sent
+	closed bool
+}
+
+// credit is how many more messages the stream may take.
+func (c *consumer) credit() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return 0
+	}
+	return c.window - len(c.held) - c.unsent
+}
+
+func (c *consumer) holding() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.held) + c.unsent
+}
+
+// give hands leases to the stream. It returns false when the stream has
+// already ended; the caller then gives the messages back.
+func (c *consumer) give(ls []broker.Lease) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	if c.autoAck {
+		c.unsent += len(ls)
+	} else {
+		for _, l := range ls {
+			c.held[l.LeaseID] = l.Deadline
+		}
+	}
+	select {
+	case c.inbox <- ls:
+		return true
+	default:
+		// Cannot happen: credit bounds what is in the inbox.
+		panic("qbridge: consumer inbox overflow")
+	}
+}
+
+// settled forgets leases that were acked, nacked or extended elsewhere.
+func (c *consumer) forget(leaseIDs ...string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, id := range leaseIDs {
+		delete(c.held, id)
+	}
+}
+
+func (c *consumer) extend(leaseID string, deadline time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.held[leaseID]; ok {
+		c.held[leaseID] = deadline
+	}
+}
+
+// expire forgets leases whose deadline passed (the reaper requeues them) and
+// returns the next deadline, or zero.
+func (c *consumer) expire(now time.Time) (next time.Time, n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for id, d := range c.held {
+		if !d.After(now) {
+			delete(c.held, id)
+			n++
+		} else if next.IsZero() || d.Before(next) {
+			next = d
+		}
+	}
+	return next, n
+}
+
+// close marks the stream ended and returns what it must give back: lease ids
+// in delivery order, and unsent auto-ack pops.
+func (c *consumer) close() (held []string, unsent []broker.Lease) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	for id := range c.held {
+		held = append(held, id)
+	}
+	c.held = nil
+	for {
+		select {
+		case ls := <-c.inbox:
+			if c.autoAck {
+				unsent = append(unsent, ls...)
+			}
+		default:
+			sortLeaseIDs(held)
+			return held, unsent
+		}
+	}
+}
+
+// sortLeaseIDs orders decimal lease ids numerically (= delivery order).
+func sortLeaseIDs(ids []string) {
+	sort.Slice(ids, func(i, j int) bool {
+		if len(ids[i]) != len(ids[j]) {
+			return len(ids[i]) < len(ids[j])
+		}
+		return ids[i] < ids[j]
+	})
+}
+
+// dispatcher takes messages from one queue for this instance's streams.
+type dispatcher struct {
+	s     *Server
+	queue string
+	kick  chan struct{} // capacity 1: "credit changed, look again"
+
+	// consumers is guarded by s.mu.
+	consumers []*consumer
+	next      int
+}
+
+func (d *dispatcher) poke() {
+	select {
+	case d.kick <- struct{}{}:
+	default:
+	}
+}
+
+// attach registers c, starting the queue's dispatcher if needed.
+func (s *Server) attach(c *consumer) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.isDraining() {
+		return errShuttingDown
+	}
+	s.consumers[c.id] = c
+	d := s.dispatchers[c.queue]
+	if d == nil {
+		d = &dispatcher{s: s, queue: c.queue, kick: make(chan struct{}, 1)}
+		s.dispatchers[c.queue] = d
+		go d.run()
+	}
+	d.consumers = append(d.consumers, c)
+	d.poke()
+	return nil
+}
+
+// detach unregisters c; the dispatcher exits when its last stream is gone.
+func (s *Server) detach(c *consumer) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.consumers, c.id)
+	d := s.dispatchers[c.queue]
+	if d == nil {
+		return
+	}
+	for i, x := range d.consumers {
+		if x == c {
+			d.consumers = append(d.consumers[:i], d.consumers[i+1:]...)
+			break
+		}
+	}
+	d.poke()
+}
+
+func (s *Server) kickQueue(q string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d := s.dispatchers[q]; d != nil {
+		d.poke()
+	}
+}
+
+// hungry returns the streams with credit, starting after the one served
+// first last time, or nil; ok is false when the dispatcher should exit.
+func (d *dispatcher) hungry() (cs []*consumer, ok bool) {
+	s := d.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(d.consumers) == 0 || s.isDraining() {
+		if s.dispatchers[d.queue] == d {
+			delete(s.dispatchers, d.queue)
+		}
+		return nil, false
+	}
+	n := len(d.consumers)
+	d.next = (d.next + 1) % n
+	for i := 0; i < n; i++ {
+		c := d.consumers[(d.next+i)%n]
+		if c.credit() > 0 {
+			cs = append(cs, c)
+		}
+	}
+	return cs, true
+}
+
+func (d *dispatcher) run() {
+	s := d.s
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-s.draining:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if err := s.b.RegisterQueue(ctx, d.queue); err != nil {
+		s.log.Warn("cannot register queue for lease reaping", "queue", d.queue, "err", err)
+	}
+	backoff := s.opts.claimRetryBackoff
+	for {
+		cs, ok := d.hungry()
+		if !ok {
+			return
+		}
+		if len(cs) == 0 {
+			select {
+			case <-d.kick:
+			case <-ctx.Done():
+			}
+			continue
+		}
+		got, err := d.serve(ctx, cs)
+		if err != nil {
+			if ctx.Err() != nil {
+				continue
+			}
+			s.log.Warn("cannot take messages from queue; retrying", "queue", d.queue, "err", err, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+			}
+			backoff = min(backoff*2, 2*time.Second)
+			continue
+		}
+		backoff = s.opts.claimRetryBackoff
+		if got {
+			continue
+		}
+		// The queue is empty: block in Redis until it is not.
+		if _, err := s.b.WaitReady(ctx, d.queue, s.opts.waitSlice); err != nil && ctx.Err() == nil {
+			s.log.Warn("waiting on queue failed; retrying", "queue", d.queue, "err", err, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+			}
+			backoff = min(backoff*2, 2*time.Second)
+		}
+	}
+}
+
+// serve claims messages for the hungry streams while the queue has any. It
+// reports whether anything was taken.
+func (d *dispatcher) serve(ctx context.Context, cs []*consumer) (bool, error) {
+	s := d.s
+	got := false
+	for _, c := range cs {
+		n := c.credit()
+		if n <= 0 {
+			continue
+		}
+		var ls []broker.Lease
+		var remaining int64
+		var err error
+		if c.autoAck {
+			ls, remaining, err = s.b.Pop(ctx, d.queue, n)
+		} else {
+			ls, remaining, err = s.b.Claim(ctx, d.queue, n, c.lease)
+		}
+		if err != nil {
+			return got, err
+		}
+		if len(ls) > 0 {
+			got = true
+			if !c.give(ls) {
+				d.giveBack(c, ls)
+			}
+		}
+		if remaining == 0 {
+			break
+		}
+	}
+	return got, nil
+}
+
+// giveBack returns messages taken for a stream that ended meanwhile.
+func (d *dispatcher) giveBack(c *consumer, ls []broker.Lease) {
+	s := d.s
+	ctx, cancel := context.WithTimeout(context.Background(), s.opts.requeueTimeout)
+	defer cancel()
+	if c.autoAck {
+		if err := s.b.PushBack(ctx, d.queue, ls); err != nil {
+			s.log.Error("LOST auto-ack messages: cannot push them back", "queue", d.queue, "count", len(ls), "err", err)
+		}
+		return
+	}
+	ids := make([]string, len(ls))
+	for i, l := range ls {
+		ids[i] = l.LeaseID
+	}
+	if _, err := s.b.Requeue(ctx, d.queue, ids); err != nil {
+		s.log.Warn("cannot requeue; the lease reaper will", "queue", d.queue, "count", len(ids), "err", err)
+	}
+}
+
+// Consume implements QueueService.Consume.
+func (s *Server) Consume(req *qbridgev1.ConsumeRequest, stream qbridgev1.QueueService_ConsumeServer) error {
+	if err := ValidateName("queue", req.GetQueue()); err != nil {
+		return toStatus(invalidError{err})
+	}
+	window := int(req.GetMaxInFlight())
+	if window == 0 {
+		window = s.opts.defaultInFlight
+	}
+	if window > s.opts.maxInFlight {
+		return toStatus(invalidf("max_in_flight %d is above the limit %d (0 means the default, %d)", req.GetMaxInFlight(), s.opts.maxInFlight, s.opts.defaultInFlight))
+	}
+	lease, err := leaseFrom(req.GetLeaseDuration(), s.opts.defaultLease, s.opts.minLease, s.opts.maxLease)
+	if err != nil {
+		return toStatus(invalidError{err})
+	}
+	c := &consumer{
+		id:      s.nextID.Add(1),
+		queue:   req.GetQueue(),
+		window:  window,
+		lease:   lease,
+		autoAck: req.GetAutoAck(),
+		inbox:   make(chan []broker.Lease, window),
+		held:    map[string]time.Time{},
+	}
+	if err := s.attach(c); err != nil {
+		return toStatus(err)
+	}
+	defer s.release(c)
+	return toStatus(s.pump(stream, c))
+}
+
+// pump sends the stream's deliveries until the stream ends.
+func (s *Server) pump(stream qbridgev1.QueueService_ConsumeServer, c *consumer) error {
+	ctx := stream.Context()
+	expiry := time.NewTimer(time.Hour)
+	expiry.Stop()
+	armed := false
+	draining := s.draining
+	for {
+		select {
+		case ls := <-c.inbox:
+			if err := stream.Send(&qbridgev1.ConsumeResponse{Deliveries: s.deliveries(c, ls)}); err != nil {
+				// Auto-ack: whether the client got this batch cannot be
+				// told, so it counts as delivered (at-most-once).
+				// Otherwise the leases are held and release requeues them.
+				if c.autoAck {
+					c.mu.Lock()
+					c.unsent -= len(ls)
+					c.mu.Unlock()
+				}
+				return err
+			}
+			if c.autoAck {
+				c.mu.Lock()
+				c.unsent -= len(ls)
+				c.mu.Unlock()
+				s.kickQueue(c.queue)
+			} else if !armed {
+				expiry.Reset(time.Until(ls[0].Deadline) + 10*time.Millisecond)
+				armed = true
+			}
+		case <-expiry.C:
+			armed = false
+			next, n := c.expire(time.Now())
+			if n > 0 {
+				s.kickQueue(c.queue)
+			}
+			if !next.IsZero() {
+				expiry.Reset(time.Until(next) + 10*time.Millisecond)
+				armed = true
+			}
+		case <-draining:
+			// Stop taking work; hand back what was taken but not sent,
+			// and end once nothing is held (or at stopStreams).
+			draining = nil
+			s.detach(c)
+			_, unsent := c.drainInbox()
+			s.giveBackUnsent(c, unsent)
+		case <-s.stopStreams:
+			return errShuttingDown
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if draining == nil && c.holding() == 0 {
+			return errShuttingDown
+		}
+	}
+}
+
+// drainInbox takes back batches not yet sent, for a stream that stays open
+// while the server drains.
+func (c *consumer) drainInbox() (ids []string, unsent []broker.Lease) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		select {
+		case ls := <-c.inbox:
+			if c.autoAck {
+				c.unsent -= len(ls)
+				unsent = append(unsent, ls...)
+				continue
+			}
+			for _, l := range ls {
+				delete(c.held, l.LeaseID)
+				ids = append(ids, l.LeaseID)
+			}
+			unsent = append(unsent, ls...)
+		default:
+			return ids, unsent
+		}
+	}
+}
+
+func (s *Server) giveBackUnsent(c *consumer, ls []broker.Lease) {
+	if len(ls) == 0 {
+		return
+	}
+	d := &dispatcher{s: s, queue: c.queue}
+	d.giveBack(c, ls)
+}
+
+// release ends a stream: everything it holds goes back to the queue now.
+func (s *Server) release(c *consumer) {
+	s.detach(c)
+	held, unsent := c.close()
+	ctx, cancel := context.WithTimeout(context.Background(), s.opts.requeueTimeout)
+	defer cancel()
+	if len(unsent) > 0 {
+		if err := s.b.PushBack(ctx, c.queue, unsent); err != nil {
+			s.log.Error("LOST auto-ack messages: cannot push them back", "queue", c.queue, "count", len(unsent), "err", err)
+		}
+	}
+	if len(held) > 0 {
+		ok, err := s.b.Requeue(ctx, c.queue, held)
+		if err != nil {
+			s.log.Warn("cannot requeue the messages of an ended stream; the lease reaper will after their lease", "queue", c.queue, "count", len(held), "err", err)
+			return
+		}
+		n := 0
+		for _, v := range ok {
+			if v {
+				n++
+			}
+		}
+		s.log.Debug("stream ended; requeued its unacked messages", "queue", c.queue, "requeued", n)
+		s.kickQueue(c.queue)
+	}
+}
+
+func (s *Server) deliveries(c *consumer, ls []broker.Lease) []*qbridgev1.Delivery {
+	out := make([]*qbridgev1.Delivery, len(ls))
+	for i, l := range ls {
+		m := l.Message
+		d := &qbridgev1.Delivery{
+			Id:          m.ID,
+			Payload:     m.Payload,
+			Headers:     m.Headers,
+			EnqueueTime: timestamppb.New(time.UnixMilli(m.EnqueuedAt)),
+			Attempt:     m.Deliveries,
+			Queue:       c.queue,
+		}
+		if !c.autoAck {
+			d.AckToken = ackToken{Queue: c.queue, LeaseID: l.LeaseID, Instance: s.instance, Consumer: c.id}.String()
+			d.LeaseDeadline = ts(l.Deadline)
+		}
+		out[i] = d
+	}
+	return out
+}
+
+// parseTokens validates a request's tokens and groups them by queue.
+func parseTokens(tokens []string) (map[string][]ackToken, error) {
+	if len(tokens) == 0 {
+		return nil, invalidf("ack_tokens is empty; pass the ack_token of each delivery")
+	}
+	if len(tokens) > maxTokens {
+		return nil, invalidf("%d ack tokens in one call; the limit is %d", len(tokens), maxTokens)
+	}
+	byQueue := map[string][]ackToken{}
+	for i, s := range tokens {
+		t, err := parseAckToken(s)
+		if err != nil {
+			return nil, invalidf("ack_tokens[%d]: %v", i, err)
+		}
+		byQueue[t.Queue] = append(byQueue[t.Queue], t)
+	}
+	return byQueue, nil
+}
+
+func leaseIDs(ts []ackToken) []string {
+	ids := make([]string, len(ts))
+	for i, t := range ts {
+		ids[i] = t.LeaseID
+	}
+	return ids
+}
+
+// settleLocal updates the credit of this instance's streams: a stream no
+// longer holds a token that was settled (all, when settled is true) or whose
+// lease turned out to be gone (ok[i] false).
+func (s *Server) settleLocal(ts []ackToken, ok []bool, settled bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, t := range ts {
+		if t.Instance != s.instance {
+			continue
+		}
+		c := s.consumers[t.Consumer]
+		if c == nil {
+			continue
+		}
+		if settled || i < len(ok) && !ok[i] {
+			c.forget(t.LeaseID)
+		}
+		if d := s.dispatchers[t.Queue]; d != nil {
+			d.poke()
+		}
+	}
+}
+
+// applyTokens runs op for each queue's tokens and reports how many were
+// applied; stale tokens make a FAILED_PRECONDITION error that says so.
+func (s *Server) applyTokens(ctx context.Context, verb string, settles bool, tokens []string,
+	op func(ctx context.Context, queue string, ids []string) ([]bool, error)) (int, error) {
+	byQueue, err := parseTokens(tokens)
+	if err != nil {
+		return 0, err
+	}
+	done, stale := 0, 0
+	var firstErr error
+	for q, ts := range byQueue {
+		ok, err := op(ctx, q, leaseIDs(ts))
+		if err != nil {
+			firstErr = err
+			continue
+		}
+		for _, v := range ok {
+			if v {
+				done++
+			} else {
+				stale++
+			}
+		}
+		s.settleLocal(ts, ok, settles)
+	}
+	if firstErr != nil {
+		if done > 0 {
+			return done, fmt.Errorf("%d of %d %s applied, then: %w", done, len(tokens), verb, firstErr)
+		}
+		return 0, firstErr
+	}
+	if stale > 0 {
+		return done, staleError{fmt.Sprintf("%d of %d ack tokens no longer hold a lease (it expired and the message was requeued or redelivered, or it was already settled); the other %d were %s", stale, len(tokens), done, verb)}
+	}
+	return done, nil
+}
+
+// Ack implements QueueService.Ack.
+func (s *Server) Ack(ctx context.Context, req *qbridgev1.AckRequest) (*qbridgev1.AckResponse, error) {
+	n, err := s.applyTokens(ctx, "acknowledged", true, req.GetAckTokens(), s.b.Settle)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &qbridgev1.AckResponse{Acked: uint32(n)}, nil
+}
+
+// Nack implements QueueService.Nack.
+func (s *Server) Nack(ctx context.Context, req *qbridgev1.NackRequest) (*qbridgev1.NackResponse, error) {
+	op := s.b.Requeue
+	verb := "requeued"
+	switch req.GetAction() {
+	case qbridgev1.NackAction_NACK_ACTION_UNSPECIFIED, qbridgev1.NackAction_NACK_ACTION_REQUEUE:
+	case qbridgev1.NackAction_NACK_ACTION_DROP:
+		op, verb = s.b.Settle, "dropped"
+	default:
+		return nil, toStatus(invalidf("unknown action %d; use NACK_ACTION_REQUEUE or NACK_ACTION_DROP", req.GetAction()))
+	}
+	n, err := s.applyTokens(ctx, verb, true, req.GetAckTokens(), op)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &qbridgev1.NackResponse{Nacked: uint32(n)}, nil
+}
+
+// ExtendLease implements QueueService.ExtendLease.
+func (s *Server) ExtendLease(ctx context.Context, req *qbridgev1.ExtendLeaseRequest) (*qbridgev1.ExtendLeaseResponse, error) {
+	lease, err := leaseFrom(req.GetLeaseDuration(), s.opts.defaultLease, s.opts.minLease, s.opts.maxLease)
+	if err != nil {
+		return nil, toStatus(invalidError{err})
+	}
+	var deadline time.Time
+	_, err = s.applyTokens(ctx, "extended", false, req.GetAckTokens(), func(ctx context.Context, q string, ids []string) ([]bool, error) {
+		d, ok, err := s.b.Extend(ctx, q, ids, lease)
+		if err == nil {
+			deadline = d
+			s.extendLocal(q, ids, ok, d)
+		}
+		return ok, err
+	})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &qbridgev1.ExtendLeaseResponse{LeaseDeadline: ts(deadline)}, nil
+}
+
+// extendLocal moves the local deadlines of extended leases, so that the
+// stream does not count them as expired.
+func (s *Server) extendLocal(queue string, ids []string, ok []bool, deadline time.Time) {
+	s.mu.Lock()
+	cs := make([]*consumer, 0, len(s.consumers))
+	for _, c := range s.consumers {
+		if c.queue == queue {
+			cs = append(cs, c)
+		}
+	}
+	s.mu.Unlock()
+	for i, id := range ids {
+		if !ok[i] {
+			continue
+		}
+		for _, c := range cs {
+			c.extend(id, deadline)
+		}
+	}
+}

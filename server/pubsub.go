@@ -1,0 +1,324 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
+)
+
+// Pub/sub design
+//
+// All Subscribe streams of an instance share one Redis pub/sub connection.
+// The hub keeps a reference count per channel and per pattern: the first
+// stream that wants one sends SUBSCRIBE/PSUBSCRIBE, the last one to leave
+// sends UNSUBSCRIBE/PUNSUBSCRIBE. Redis answers each SUBSCRIBE with a
+// confirmation, in order; a stream is told it is subscribed once every
+// SUBSCRIBE sent for its channels has been confirmed, so nothing published
+// after that can miss it. Each stream has a bounded buffer; the hub never
+// waits for a slow stream, it cuts it off.
+
+// subscriber is one Subscribe stream.
+type subscriber struct {
+	channels []string // Redis names (prefixed)
+	patterns []string
+
+	msgs     chan *qbridgev1.PubSubMessage
+	ready    chan struct{} // closed when all subscriptions are confirmed
+	overflow chan struct{} // closed when the buffer overflowed
+
+	// guarded by hub.mu
+	bytes       int
+	waiting     int // subscriptions not yet confirmed
+	readyClosed bool
+	overflowed  bool
+}
+
+// subRef is one channel or pattern subscribed on the shared connection.
+type subRef struct {
+	members   map[*subscriber]struct{}
+	confirmed bool
+}
+
+type hub struct {
+	s *Server
+
+	mu      sync.Mutex
+	ps      *redis.PubSub
+	chans   map[string]*subRef
+	pats    map[string]*subRef
+	pending map[string]int // "c:"+name or "p:"+name -> SUBSCRIBEs sent, not yet confirmed
+}
+
+func newHub(s *Server) *hub {
+	return &hub{s: s, chans: map[string]*subRef{}, pats: map[string]*subRef{}, pending: map[string]int{}}
+}
+
+// run opens the shared connection and fans messages out until ctx ends.
+func (h *hub) run(ctx context.Context) {
+	h.mu.Lock()
+	h.ps = h.s.b.PubSub(ctx)
+	ps := h.ps
+	h.mu.Unlock()
+	defer ps.Close()
+	ch := ps.ChannelWithSubscriptions(redis.WithChannelSize(1024), redis.WithChannelHealthCheckInterval(10*time.Second))
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case m, ok := <-ch:
+			if !ok {
+				return
+			}
+			switch m := m.(type) {
+			case *redis.Subscription:
+				h.confirmed(m)
+			case *redis.Message:
+				h.fanOut(m)
+			}
+		}
+	}
+}
+
+func (h *hub) confirmed(m *redis.Subscription) {
+	var key string
+	var refs map[string]*subRef
+	switch m.Kind {
+	case "subscribe":
+		key, refs = "c:"+m.Channel, h.chans
+	case "psubscribe":
+		key, refs = "p:"+m.Channel, h.pats
+	default:
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.pending[key] > 0 {
+		h.pending[key]--
+	}
+	if h.pending[key] > 0 {
+		return // a later SUBSCRIBE for the same name is still on its way
+	}
+	delete(h.pending, key)
+	r := refs[m.Channel]
+	if r == nil || r.confirmed {
+		return
+	}
+	r.confirmed = true
+	for sub := range r.members {
+		sub.waiting--
+		if sub.waiting == 0 && !sub.readyClosed {
+			sub.readyClosed = true
+			close(sub.ready)
+		}
+	}
+}
+
+func (h *hub) fanOut(m *redis.Message) {
+	keys := h.s.b.Keys()
+	msg := &qbridgev1.PubSubMessage{Channel: keys.StripChannel(m.Channel), Payload: []byte(m.Payload)}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var r *subRef
+	if m.Pattern != "" {
+		msg.Pattern = keys.StripChannel(m.Pattern)
+		r = h.pats[m.Pattern]
+	} else {
+		r = h.chans[m.Channel]
+	}
+	if r == nil {
+		return
+	}
+	for sub := range r.members {
+		if sub.overflowed {
+			continue
+		}
+		if sub.bytes+len(msg.Payload) > h.s.opts.subscriberBytes && len(sub.msgs) > 0 {
+			sub.overflowed = true
+			close(sub.overflow)
+			continue
+		}
+		select {
+		case sub.msgs <- msg:
+			sub.bytes += len(msg.Payload)
+		default:
+			sub.overflowed = true
+			close(sub.overflow)
+		}
+	}
+}
+
+// add registers sub and sends the SUBSCRIBEs it needs.
+func (h *hub) add(ctx context.Context, sub *subscriber) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.ps == nil {
+		return fmt.Errorf("pub/sub connection not started")
+	}
+	var newChans, newPats []string
+	join := func(name, kind string, refs map[string]*subRef) {
+		r := refs[name]
+		if r == nil {
+			r = &subRef{members: map[*subscriber]struct{}{}}
+			refs[name] = r
+			h.pending[kind+name]++
+			if kind == "c:" {
+				newChans = append(newChans, name)
+			} else {
+				newPats = append(newPats, name)
+			}
+		}
+		if _, dup := r.members[sub]; dup {
+			return
+		}
+		r.members[sub] = struct{}{}
+		if !r.confirmed {
+			sub.waiting++
+		}
+	}
+	for _, c := range sub.channels {
+		join(c, "c:", h.chans)
+	}
+	for _, p := range sub.patterns {
+		join(p, "p:", h.pats)
+	}
+	if sub.waiting == 0 {
+		sub.readyClosed = true
+		close(sub.ready)
+	}
+	if len(newChans) > 0 {
+		if err := h.ps.Subscribe(ctx, newChans...); err != nil {
+			h.removeLocked(sub)
+			return fmt.Errorf("subscribe: %w", err)
+		}
+	}
+	if len(newPats) > 0 {
+		if err := h.ps.PSubscribe(ctx, newPats...); err != nil {
+			h.removeLocked(sub)
+			return fmt.Errorf("psubscribe: %w", err)
+		}
+	}
+	return nil
+}
+
+// remove unregisters sub and drops subscriptions nobody needs any more.
+func (h *hub) remove(sub *subscriber) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.removeLocked(sub)
+}
+
+func (h *hub) removeLocked(sub *subscriber) {
+	ctx := context.Background()
+	var goneChans, gonePats []string
+	leave := func(name string, refs map[string]*subRef) bool {
+		r := refs[name]
+		if r == nil {
+			return false
+		}
+		delete(r.members, sub)
+		if len(r.members) > 0 {
+			return false
+		}
+		delete(refs, name)
+		return true
+	}
+	for _, c := range sub.channels {
+		if leave(c, h.chans) {
+			goneChans = append(goneChans, c)
+		}
+	}
+	for _, p := range sub.patterns {
+		if leave(p, h.pats) {
+			gonePats = append(gonePats, p)
+		}
+	}
+	if h.ps == nil {
+		return
+	}
+	if len(goneChans) > 0 {
+		if err := h.ps.Unsubscribe(ctx, goneChans...); err != nil {
+			h.s.log.Debug("unsubscribe failed", "err", err)
+		}
+	}
+	if len(gonePats) > 0 {
+		if err := h.ps.PUnsubscribe(ctx, gonePats...); err != nil {
+			h.s.log.Debug("punsubscribe failed", "err", err)
+		}
+	}
+}
+
+// Subscribe implements QueueService.Subscribe.
+func (s *Server) Subscribe(req *qbridgev1.SubscribeRequest, stream qbridgev1.QueueService_SubscribeServer) error {
+	n := len(req.GetChannels()) + len(req.GetPatterns())
+	if n == 0 {
+		return toStatus(invalidf("no channels or patterns; give at least one"))
+	}
+	if n > maxSubscribe {
+		return toStatus(invalidf("%d channels and patterns; the limit is %d per stream", n, maxSubscribe))
+	}
+	keys := s.b.Keys()
+	sub := &subscriber{
+		msgs:     make(chan *qbridgev1.PubSubMessage, s.opts.subscriberBuffer),
+		ready:    make(chan struct{}),
+		overflow: make(chan struct{}),
+	}
+	for _, c := range req.GetChannels() {
+		if err := ValidateName("channel", c); err != nil {
+			return toStatus(invalidError{err})
+		}
+		sub.channels = append(sub.channels, keys.Channel(c))
+	}
+	for _, p := range req.GetPatterns() {
+		if err := ValidatePattern(p); err != nil {
+			return toStatus(invalidError{err})
+		}
+		sub.patterns = append(sub.patterns, keys.Channel(p))
+	}
+	if s.isDraining() {
+		return toStatus(errShuttingDown)
+	}
+	ctx := stream.Context()
+	if err := s.hub.add(ctx, sub); err != nil {
+		return toStatus(fmt.Errorf("%w", wrapUnavailable(err)))
+	}
+	defer s.hub.remove(sub)
+
+	select {
+	case <-sub.ready:
+	case <-ctx.Done():
+		return toStatus(ctx.Err())
+	case <-s.draining:
+		return toStatus(errShuttingDown)
+	}
+	if err := stream.Send(&qbridgev1.SubscribeResponse{Event: &qbridgev1.SubscribeResponse_Subscribed{
+		Subscribed: &qbridgev1.Subscribed{Channels: req.GetChannels(), Patterns: req.GetPatterns()},
+	}}); err != nil {
+		return err
+	}
+	for {
+		select {
+		case m := <-sub.msgs:
+			s.hub.mu.Lock()
+			sub.bytes -= len(m.Payload)
+			s.hub.mu.Unlock()
+			if err := stream.Send(&qbridgev1.SubscribeResponse{Event: &qbridgev1.SubscribeResponse_Message{Message: m}}); err != nil {
+				return err
+			}
+		case <-sub.overflow:
+			return status.Errorf(codes.ResourceExhausted,
+				"subscriber too slow: more than %d messages or %d bytes waiting to be sent; messages were dropped and the stream is closed. Read faster, or resubscribe",
+				s.opts.subscriberBuffer, s.opts.subscriberBytes)
+		case <-ctx.Done():
+			return toStatus(ctx.Err())
+		case <-s.draining:
+			return toStatus(errShuttingDown)
+		}
+	}
+}

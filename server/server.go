@@ -1,0 +1,352 @@
+// Package server implements qbridge.v1.QueueService over a broker.Broker:
+// request validation, the Consume dispatchers, the pub/sub hub, and the one
+// place where internal errors become gRPC status codes (toStatus).
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
+	"github.com/qbridge/qbridge/server/broker"
+)
+
+// Server is the QueueService implementation.
+type Server struct {
+	qbridgev1.UnimplementedQueueServiceServer
+
+	b        *broker.Broker
+	opts     options
+	log      *slog.Logger
+	instance string // random id of this process, carried in ack tokens
+
+	mu          sync.Mutex
+	dispatchers map[string]*dispatcher
+	consumers   map[uint64]*consumer
+	nextID      atomic.Uint64
+
+	hub *hub
+
+	draining    chan struct{} // closed: refuse new work, stop claiming
+	stopStreams chan struct{} // closed: end every stream now
+	drainOnce   sync.Once
+	stopOnce    sync.Once
+	bg          sync.WaitGroup
+	bgCancel    context.CancelFunc
+}
+
+var _ qbridgev1.QueueServiceServer = (*Server)(nil)
+
+// options holds the Server settings; see the With... functions for defaults.
+type options struct {
+	logger            *slog.Logger
+	maxPayload        int
+	maxBatch          int
+	defaultInFlight   int
+	maxInFlight       int
+	defaultLease      time.Duration
+	minLease          time.Duration
+	maxLease          time.Duration
+	reapInterval      time.Duration
+	waitSlice         time.Duration
+	subscriberBuffer  int
+	subscriberBytes   int
+	requeueTimeout    time.Duration
+	claimRetryBackoff time.Duration
+}
+
+// Option configures a Server.
+type Option func(*options)
+
+// WithLogger sets the logger. Default: slog.Default().
+func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
+
+// WithMaxPayload caps the payload size of one message. Default: 1 MiB.
+func WithMaxPayload(n int) Option { return func(o *options) { o.maxPayload = n } }
+
+// WithMaxBatch caps the messages in one EnqueueBatch. Default: 1000.
+func WithMaxBatch(n int) Option { return func(o *options) { o.maxBatch = n } }
+
+// WithMaxInFlight caps ConsumeRequest.max_in_flight. Default: 1024. The
+// default window, when a request leaves it 0, is 16.
+func WithMaxInFlight(n int) Option { return func(o *options) { o.maxInFlight = n } }
+
+// WithLeaseBounds sets the default lease and the accepted range.
+// Default: 30s, within [1s, 12h].
+func WithLeaseBounds(def, min, max time.Duration) Option {
+	return func(o *options) { o.defaultLease, o.minLease, o.maxLease = def, min, max }
+}
+
+// WithReapInterval sets how often expired leases are looked for. Default: 1s.
+func WithReapInterval(d time.Duration) Option { return func(o *options) { o.reapInterval = d } }
+
+// WithWaitSlice sets how long one blocking wait on an empty queue lasts
+// before it is re-issued (also the longest a queue's waiter outlives its last
+// consumer). Default: 5s.
+func WithWaitSlice(d time.Duration) Option { return func(o *options) { o.waitSlice = d } }
+
+// WithSubscriberBuffer bounds what one Subscribe stream may have waiting to
+// be sent, in messages and payload bytes; past either, the stream ends with
+// RESOURCE_EXHAUSTED. Default: 1024 messages, 8 MiB.
+func WithSubscriberBuffer(msgs, bytes int) Option {
+	return func(o *options) { o.subscriberBuffer, o.subscriberBytes = msgs, bytes }
+}
+
+func defaultOptions() options {
+	return options{
+		logger:            slog.Default(),
+		maxPayload:        1 << 20,
+		maxBatch:          1000,
+		defaultInFlight:   16,
+		maxInFlight:       1024,
+		defaultLease:      30 * time.Second,
+		minLease:          time.Second,
+		maxLease:          12 * time.Hour,
+		reapInterval:      time.Second,
+		waitSlice:         5 * time.Second,
+		subscriberBuffer:  1024,
+		subscriberBytes:   8 << 20,
+		requeueTimeout:    10 * time.Second,
+		claimRetryBackoff: 100 * time.Millisecond,
+	}
+}
+
+// New returns a Server over b. Call Start before serving and Shutdown when
+// done.
+func New(b *broker.Broker, opts ...Option) *Server {
+	o := defaultOptions()
+	for _, opt := range opts {
+		opt(&o)
+	}
+	var rnd [8]byte
+	_, _ = rand.Read(rnd[:])
+	s := &Server{
+		b:           b,
+		opts:        o,
+		log:         o.logger,
+		instance:    hex.EncodeToString(rnd[:]),
+		dispatchers: map[string]*dispatcher{},
+		consumers:   map[uint64]*consumer{},
+		draining:    make(chan struct{}),
+		stopStreams: make(chan struct{}),
+	}
+	s.hub = newHub(s)
+	return s
+}
+
+// Start runs the background work: the lease reaper and the pub/sub hub.
+func (s *Server) Start() {
+	ctx, cancel := context.WithCancel(context.Background())
+	s.bgCancel = cancel
+	s.bg.Add(2)
+	go func() { defer s.bg.Done(); s.reapLoop(ctx) }()
+	go func() { defer s.bg.Done(); s.hub.run(ctx) }()
+}
+
+// Drain begins a graceful shutdown: new Enqueue, Publish, Consume and
+// Subscribe calls get UNAVAILABLE, no more messages are taken from Redis,
+// messages taken but not yet sent go back, and Subscribe streams end. Ack,
+// Nack and ExtendLease keep working so that consumers can settle what they
+// hold. Drain then waits, until ctx ends, for Consume streams to have nothing
+// in flight, and ends every stream that is left (its unacked messages go back
+// to their queues at once).
+func (s *Server) Drain(ctx context.Context) {
+	s.drainOnce.Do(func() { close(s.draining) })
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for !s.idle() {
+		select {
+		case <-ctx.Done():
+			s.StopStreams()
+			return
+		case <-t.C:
+		}
+	}
+	s.StopStreams()
+}
+
+// StopStreams ends every open stream at once.
+func (s *Server) StopStreams() {
+	s.drainOnce.Do(func() { close(s.draining) })
+	s.stopOnce.Do(func() { close(s.stopStreams) })
+}
+
+// Close stops the background work. Call it after the gRPC server stopped.
+func (s *Server) Close() {
+	s.StopStreams()
+	if s.bgCancel != nil {
+		s.bgCancel()
+	}
+	s.bg.Wait()
+}
+
+func (s *Server) isDraining() bool {
+	select {
+	case <-s.draining:
+		return true
+	default:
+		return false
+	}
+}
+
+// idle reports whether no Consume stream holds unsettled deliveries.
+func (s *Server) idle() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.consumers {
+		if c.holding() > 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// Ping checks Redis; the daemon's health service uses it.
+func (s *Server) Ping(ctx context.Context) error { return s.b.Ping(ctx) }
+
+// Enqueue implements QueueService.Enqueue.
+func (s *Server) Enqueue(ctx context.Context, req *qbridgev1.EnqueueRequest) (*qbridgev1.EnqueueResponse, error) {
+	ids, err := s.enqueue(ctx, req.GetQueue(), []*qbridgev1.BatchMessage{{Payload: req.GetPayload(), Headers: req.GetHeaders(), Id: req.GetId()}})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &qbridgev1.EnqueueResponse{Id: ids[0]}, nil
+}
+
+// EnqueueBatch implements QueueService.EnqueueBatch.
+func (s *Server) EnqueueBatch(ctx context.Context, req *qbridgev1.EnqueueBatchRequest) (*qbridgev1.EnqueueBatchResponse, error) {
+	if len(req.GetMessages()) == 0 {
+		return nil, toStatus(invalidf("messages is empty; send at least one"))
+	}
+	if len(req.GetMessages()) > s.opts.maxBatch {
+		return nil, toStatus(invalidf("%d messages in one batch; the limit is %d", len(req.GetMessages()), s.opts.maxBatch))
+	}
+	ids, err := s.enqueue(ctx, req.GetQueue(), req.GetMessages())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &qbridgev1.EnqueueBatchResponse{Ids: ids}, nil
+}
+
+func (s *Server) enqueue(ctx context.Context, queue string, msgs []*qbridgev1.BatchMessage) ([]string, error) {
+	if err := ValidateName("queue", queue); err != nil {
+		return nil, invalidError{err}
+	}
+	if s.isDraining() {
+		return nil, errShuttingDown
+	}
+	raw := s.b.IsRaw(queue)
+	out := make([]broker.NewMessage, len(msgs))
+	for i, m := range msgs {
+		where := ""
+		if len(msgs) > 1 {
+			where = "messages[" + itoa(i) + "]: "
+		}
+		if len(m.GetPayload()) > s.opts.maxPayload {
+			return nil, invalidf("%spayload is %d bytes; the limit is %d (qbridged --max-payload-bytes)", where, len(m.GetPayload()), s.opts.maxPayload)
+		}
+		if err := validateID(m.GetId()); err != nil {
+			return nil, invalidf("%s%v", where, err)
+		}
+		if err := validateHeaders(m.GetHeaders()); err != nil {
+			return nil, invalidf("%s%v", where, err)
+		}
+		if raw && len(m.GetHeaders()) > 0 {
+			return nil, invalidf("%squeue %q is in raw mode (plain Redis consumers read it), which cannot store headers", where, queue)
+		}
+		out[i] = broker.NewMessage{ID: m.GetId(), Headers: m.GetHeaders(), Payload: m.GetPayload()}
+	}
+	return s.b.EnqueueMany(ctx, queue, out)
+}
+
+// Publish implements QueueService.Publish.
+func (s *Server) Publish(ctx context.Context, req *qbridgev1.PublishRequest) (*qbridgev1.PublishResponse, error) {
+	if err := ValidateName("channel", req.GetChannel()); err != nil {
+		return nil, toStatus(invalidError{err})
+	}
+	if len(req.GetPayload()) > s.opts.maxPayload {
+		return nil, toStatus(invalidf("payload is %d bytes; the limit is %d (qbridged --max-payload-bytes)", len(req.GetPayload()), s.opts.maxPayload))
+	}
+	if s.isDraining() {
+		return nil, toStatus(errShuttingDown)
+	}
+	n, err := s.b.Publish(ctx, req.GetChannel(), req.GetPayload())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &qbridgev1.PublishResponse{Receivers: n}, nil
+}
+
+// GetQueueStats implements QueueService.GetQueueStats.
+func (s *Server) GetQueueStats(ctx context.Context, req *qbridgev1.GetQueueStatsRequest) (*qbridgev1.GetQueueStatsResponse, error) {
+	if err := ValidateName("queue", req.GetQueue()); err != nil {
+		return nil, toStatus(invalidError{err})
+	}
+	st, err := s.b.Stats(ctx, req.GetQueue())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &qbridgev1.GetQueueStatsResponse{Queue: req.GetQueue(), Ready: st.Ready, InFlight: st.InFlight}, nil
+}
+
+// reapLoop requeues messages whose lease expired, for every queue that has
+// ever had a consumer, on every tick. Each run is one script per queue that
+// does O(expired) work.
+func (s *Server) reapLoop(ctx context.Context) {
+	t := time.NewTicker(s.opts.reapInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		qs, err := s.b.RegisteredQueues(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Debug("lease reaper: cannot list queues", "err", err)
+			}
+			continue
+		}
+		for _, q := range qs {
+			for {
+				n, err := s.b.ReapExpired(ctx, q, 500)
+				if err != nil {
+					if ctx.Err() == nil {
+						s.log.Warn("lease reaper failed", "queue", q, "err", err)
+					}
+					break
+				}
+				if n > 0 {
+					s.log.Info("requeued messages whose lease expired", "queue", q, "count", n)
+					s.kickQueue(q)
+				}
+				if n < 500 {
+					break
+				}
+			}
+		}
+	}
+}
+
+func ts(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+func itoa(i int) string {
+	const digits = "0123456789"
+	if i < 10 {
+		return digits[i : i+1]
+	}
+	return itoa(i/10) + digits[i%10:i%10+1]
+}
