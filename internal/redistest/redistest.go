@@ -1,0 +1,510 @@
+// Package redistest runs real, isolated redis-server processes for
+// integration tests.
+//
+// Every Server listens on 127.0.0.1 only, on a freshly picked free port, and
+// keeps its data in a private directory that survives Kill/Stop/Restart of the
+// process for the lifetime of the test. The process is killed (by PID) and the
+// directory removed at test cleanup.
+//
+// If no redis-server binary can be found, Start skips the test with a loud
+// message, unless QBRIDGE_REQUIRE_REDIS is "1" or "true", in which case the
+// test fails instead.
+package redistest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+const (
+	// RequireEnv is the environment variable that turns a missing
+	// redis-server binary into a test failure instead of a skip.
+	RequireEnv = "QBRIDGE_REQUIRE_REDIS"
+
+	readyTimeout   = 10 * time.Second
+	exitTimeout    = 10 * time.Second
+	restartTimeout = 10 * time.Second
+	pollInterval   = 10 * time.Millisecond
+	startAttempts  = 5
+	logTailLines   = 30
+)
+
+// errPortInUse reports that redis-server exited because its port was taken.
+var errPortInUse = errors.New("redis-server port already in use")
+
+// findRedisServer locates the redis-server binary; it returns "" if none is
+// found. It is a variable so tests can simulate a missing binary.
+var findRedisServer = func() string {
+	if p, err := exec.LookPath("redis-server"); err == nil {
+		return p
+	}
+	for _, p := range []string{"/usr/bin/redis-server", "/usr/local/bin/redis-server"} {
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+			return p
+		}
+	}
+	return ""
+}
+
+type config struct {
+	aof  bool
+	args []string
+}
+
+// Option configures a Server.
+type Option func(*config)
+
+// WithAOF enables the append-only file with appendfsync always, so every
+// acknowledged write survives a SIGKILL followed by Restart.
+func WithAOF() Option {
+	return func(c *config) { c.aof = true }
+}
+
+// WithArgs appends extra redis-server command-line arguments, e.g.
+// WithArgs("--maxmemory", "10mb"). They come after the defaults, so they
+// override them.
+func WithArgs(args ...string) Option {
+	return func(c *config) { c.args = append(c.args, args...) }
+}
+
+// Server is one redis-server process started by a test, on 127.0.0.1 and a
+// free port.
+type Server struct {
+	bin  string
+	dir  string
+	port int
+	cfg  config
+
+	mu   sync.Mutex
+	proc *process // current process; nil before the first successful start
+}
+
+// process is one run of redis-server. done is closed once the process has
+// been reaped by cmd.Wait; waitErr is valid after that.
+type process struct {
+	cmd     *exec.Cmd
+	done    chan struct{}
+	waitErr error
+}
+
+func (p *process) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitExit waits up to d for the process to be reaped.
+func (p *process) waitExit(d time.Duration) bool {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-p.done:
+		return true
+	case <-timer.C:
+		return false
+	}
+}
+
+// Start starts redis-server for the test and registers t.Cleanup to kill it
+// (by PID) and remove its directory.
+func Start(t testing.TB, opts ...Option) *Server {
+	t.Helper()
+
+	bin := findRedisServer()
+	if bin == "" {
+		if requireRedis() {
+			t.Fatalf("redistest: redis-server not found in PATH, /usr/bin or /usr/local/bin, and %s=%q requires real Redis; install it (apt-get install -y redis-server)", RequireEnv, os.Getenv(RequireEnv))
+			return nil
+		}
+		t.Skipf("\n" +
+			"########################################################################\n" +
+			"### SKIPPING real-Redis test: redis-server not found; install it (apt-get install -y redis-server)\n" +
+			"### or set " + RequireEnv + "=1 to make this a failure instead of a skip.\n" +
+			"########################################################################")
+		return nil
+	}
+
+	var cfg config
+	for _, o := range opts {
+		o(&cfg)
+	}
+
+	dir, err := os.MkdirTemp("", "redistest-")
+	if err != nil {
+		t.Fatalf("redistest: create data dir: %v", err)
+	}
+	s := &Server{bin: bin, dir: dir, cfg: cfg}
+	t.Cleanup(func() { s.cleanup(t) })
+
+	var lastErr error
+	for attempt := 1; attempt <= startAttempts; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			t.Fatalf("redistest: pick free port: %v", err)
+		}
+		s.port = port
+		lastErr = s.launch()
+		if lastErr == nil {
+			return s
+		}
+		if !errors.Is(lastErr, errPortInUse) {
+			break
+		}
+		t.Logf("redistest: port %d taken (attempt %d/%d), retrying on another port", port, attempt, startAttempts)
+	}
+	t.Fatalf("redistest: start redis-server: %v", lastErr)
+	return nil
+}
+
+func requireRedis() bool {
+	v := strings.ToLower(strings.TrimSpace(os.Getenv(RequireEnv)))
+	return v == "1" || v == "true"
+}
+
+// freePort asks the kernel for a free TCP port on 127.0.0.1.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	if err := l.Close(); err != nil {
+		return 0, err
+	}
+	return port, nil
+}
+
+// Addr returns "127.0.0.1:PORT".
+func (s *Server) Addr() string {
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port))
+}
+
+// URL returns "redis://127.0.0.1:PORT/DB".
+func (s *Server) URL(db int) string {
+	return fmt.Sprintf("redis://%s/%d", s.Addr(), db)
+}
+
+// Dir returns the server's data directory (holds redis.log and AOF files).
+func (s *Server) Dir() string { return s.dir }
+
+// PID returns the PID of the current (or most recent) redis-server process.
+func (s *Server) PID() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc == nil {
+		return 0
+	}
+	return s.proc.cmd.Process.Pid
+}
+
+// Client returns a go-redis client for database db; it is closed at test
+// cleanup. The client keeps working across Restart (it reconnects).
+func (s *Server) Client(t testing.TB, db int) *redis.Client {
+	t.Helper()
+	c := redis.NewClient(&redis.Options{
+		Addr: s.Addr(),
+		DB:   db,
+	})
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// Stop stops redis-server gracefully with SIGTERM (no RDB is written since
+// saving is disabled; the AOF, if enabled, is flushed) and waits for it to
+// exit. If it does not exit in time it is killed and the test fails. Calling
+// Stop on an already stopped server is a no-op.
+func (s *Server) Stop(t testing.TB) {
+	t.Helper()
+	p := s.current()
+	if p == nil || p.exited() {
+		return
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		t.Fatalf("redistest: SIGTERM pid %d: %v", p.cmd.Process.Pid, err)
+	}
+	if p.waitExit(exitTimeout) {
+		return
+	}
+	_ = p.cmd.Process.Kill()
+	exited := p.waitExit(exitTimeout)
+	t.Fatalf("redistest: redis-server pid %d did not exit within %v after SIGTERM (killed: exited=%v)\n%s",
+		p.cmd.Process.Pid, exitTimeout, exited, s.logTail())
+}
+
+// Kill sends SIGKILL to redis-server and waits for it to exit. Calling Kill on
+// an already stopped server is a no-op.
+func (s *Server) Kill(t testing.TB) {
+	t.Helper()
+	if err := s.kill(); err != nil {
+		t.Fatalf("redistest: %v", err)
+	}
+}
+
+func (s *Server) kill() error {
+	p := s.current()
+	if p == nil || p.exited() {
+		return nil
+	}
+	if err := p.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("SIGKILL pid %d: %w", p.cmd.Process.Pid, err)
+	}
+	if !p.waitExit(exitTimeout) {
+		return fmt.Errorf("redis-server pid %d did not exit within %v after SIGKILL", p.cmd.Process.Pid, exitTimeout)
+	}
+	return nil
+}
+
+// Restart starts redis-server again on the same port and in the same
+// directory (so AOF data is reloaded) and waits until it answers. A running
+// server is stopped gracefully first. If the port is briefly unavailable the
+// start is retried until a deadline.
+func (s *Server) Restart(t testing.TB) {
+	t.Helper()
+	s.Stop(t)
+
+	deadline := time.Now().Add(restartTimeout)
+	for {
+		err := s.launch()
+		if err == nil {
+			return
+		}
+		if !errors.Is(err, errPortInUse) || time.Now().After(deadline) {
+			t.Fatalf("redistest: restart redis-server on %s: %v", s.Addr(), err)
+		}
+		// Back off before retrying the same port; this is a retry delay,
+		// not synchronisation.
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (s *Server) current() *process {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.proc
+}
+
+func (s *Server) logPath() string    { return filepath.Join(s.dir, "redis.log") }
+func (s *Server) stderrPath() string { return filepath.Join(s.dir, "redis.stdout-stderr.log") }
+
+func (s *Server) args() []string {
+	args := []string{
+		"--port", strconv.Itoa(s.port),
+		"--bind", "127.0.0.1",
+		"--protected-mode", "no",
+		"--daemonize", "no",
+		"--dir", s.dir,
+		"--logfile", s.logPath(),
+		"--databases", "16",
+		"--save", "",
+	}
+	if s.cfg.aof {
+		args = append(args, "--appendonly", "yes", "--appendfsync", "always")
+	} else {
+		args = append(args, "--appendonly", "no")
+	}
+	return append(args, s.cfg.args...)
+}
+
+// launch starts one redis-server process on s.port and waits until it is
+// ready. On failure the process is killed and reaped; errPortInUse is
+// returned (wrapped) if the port was taken.
+func (s *Server) launch() error {
+	out, err := os.OpenFile(s.stderrPath(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer out.Close() // the child has its own copy of the descriptor
+
+	// Remember where this run's log output starts, so that failures are
+	// classified by this run's messages only (the log is shared by runs).
+	logOff := fileSize(s.logPath())
+	outOff := fileSize(s.stderrPath())
+
+	cmd := exec.Command(s.bin, s.args()...)
+	cmd.Dir = s.dir
+	cmd.Stdout = out
+	cmd.Stderr = out
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("exec %s: %w", s.bin, err)
+	}
+	p := &process{cmd: cmd, done: make(chan struct{})}
+	go func() {
+		p.waitErr = cmd.Wait()
+		close(p.done)
+	}()
+	s.mu.Lock()
+	s.proc = p
+	s.mu.Unlock()
+
+	if err := s.waitReady(p); err != nil {
+		_ = s.kill()
+		tail := s.logTail()
+		fresh := readFrom(s.logPath(), logOff) + readFrom(s.stderrPath(), outOff)
+		if strings.Contains(fresh, "Address already in use") {
+			return fmt.Errorf("%w: %s: %v", errPortInUse, s.Addr(), err)
+		}
+		return fmt.Errorf("%v\n%s", err, tail)
+	}
+	return nil
+}
+
+// waitReady polls the server until it answers INFO with our own PID (so a
+// foreign process that grabbed the port is not mistaken for ours), the
+// process exits, or the deadline passes.
+func (s *Server) waitReady(p *process) error {
+	c := redis.NewClient(&redis.Options{
+		Addr:         s.Addr(),
+		DialTimeout:  250 * time.Millisecond,
+		ReadTimeout:  500 * time.Millisecond,
+		WriteTimeout: 500 * time.Millisecond,
+		MaxRetries:   -1,
+		PoolSize:     1,
+	})
+	defer c.Close()
+
+	pid := p.cmd.Process.Pid
+	want := "process_id:" + strconv.Itoa(pid)
+	deadline := time.NewTimer(readyTimeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(pollInterval)
+	defer tick.Stop()
+
+	// Abort an in-flight poll as soon as the process exits.
+	exitCtx, exitCancel := context.WithCancel(context.Background())
+	defer exitCancel()
+	go func() {
+		select {
+		case <-p.done:
+			exitCancel()
+		case <-exitCtx.Done():
+		}
+	}()
+
+	var lastErr error
+	for {
+		ctx, cancel := context.WithTimeout(exitCtx, time.Second)
+		info, err := c.Info(ctx, "server").Result()
+		cancel()
+		switch {
+		case err != nil:
+			lastErr = err
+		case !containsLine(info, want):
+			lastErr = fmt.Errorf("%s is answered by a different redis-server (not pid %d)", s.Addr(), pid)
+		default:
+			return nil
+		}
+		select {
+		case <-p.done:
+			return fmt.Errorf("redis-server pid %d exited before becoming ready: %v", pid, p.waitErr)
+		case <-deadline.C:
+			return fmt.Errorf("redis-server pid %d not ready on %s within %v: %v", pid, s.Addr(), readyTimeout, lastErr)
+		case <-tick.C:
+		}
+	}
+}
+
+func containsLine(text, line string) bool {
+	for _, l := range strings.Split(text, "\n") {
+		if strings.TrimSpace(l) == line {
+			return true
+		}
+	}
+	return false
+}
+
+// logTail returns the last lines of the redis log and of the captured
+// stdout/stderr, for error messages.
+func (s *Server) logTail() string {
+	var b strings.Builder
+	for _, f := range []string{s.logPath(), s.stderrPath()} {
+		tail := tailFile(f, logTailLines)
+		if tail == "" {
+			continue
+		}
+		fmt.Fprintf(&b, "--- tail of %s ---\n%s\n", f, tail)
+	}
+	if b.Len() == 0 {
+		return "(redis log is empty)"
+	}
+	return b.String()
+}
+
+func fileSize(path string) int64 {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
+
+// readFrom returns the contents of path from byte offset off on.
+func readFrom(path string, off int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	if _, err := f.Seek(off, io.SeekStart); err != nil {
+		return ""
+	}
+	data, err := io.ReadAll(f)
+	if err != nil {
+		return ""
+	}
+	return string(data)
+}
+
+func tailFile(path string, n int) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	const maxBytes = 16 << 10
+	if fi, err := f.Stat(); err == nil && fi.Size() > maxBytes {
+		if _, err := f.Seek(-maxBytes, io.SeekEnd); err != nil {
+			return ""
+		}
+	}
+	data, err := io.ReadAll(f)
+	if err != nil {
+		return ""
+	}
+	lines := bytes.Split(bytes.TrimRight(data, "\n"), []byte("\n"))
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return string(bytes.Join(lines, []byte("\n")))
+}
+
+// cleanup kills the process (only the one we started, by PID), reaps it and
+// removes the data directory. If the test failed, the log tail is logged.
+func (s *Server) cleanup(t testing.TB) {
+	if err := s.kill(); err != nil {
+		t.Errorf("redistest: cleanup: %v", err)
+	}
+	if t.Failed() {
+		t.Logf("redistest: redis-server on %s (dir %s):\n%s", s.Addr(), s.dir, s.logTail())
+	}
+	if err := os.RemoveAll(s.dir); err != nil {
+		t.Errorf("redistest: cleanup: remove %s: %v", s.dir, err)
+	}
+}
