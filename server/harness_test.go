@@ -216,3 +216,5 @@ func wantCode(t *testing.T, err error, code codes.Code, msgPart string) {
 func lease(d time.Duration) *durationpb.Duration { return durationpb.New(d) }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+func ctxCancel() (context.Context, context.CancelFunc) { return context.WithCancel(context.Background()) }
