@@ -217,4 +217,6 @@ func lease(d time.Duration) *durationpb.Duration { return durationpb.New(d) }
 
 func itoa(i int) string { return strconv.Itoa(i) }
 
-func ctxCancel() (context.Context, context.CancelFunc) { return context.WithCancel(context.Background()) }
+func ctxCancel() (context.Context, context.CancelFunc) {
+	return context.WithCancel(context.Background())
+}
