@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -548,26 +550,64 @@ func leaseIDs(ts []ackToken) []string {
 	return ids
 }
 
-// settleLocal updates the credit of this instance's streams: a stream no
-// longer holds a token that was settled (all, when settled is true) or whose
-// lease turned out to be gone (ok[i] false).
-func (s *Server) settleLocal(ts []ackToken, ok []bool, settled bool) {
+// settleLocal updates the credit of the streams that hold the tokens: a
+// stream no longer holds a token that was settled (all, when settled is
+// true) or whose lease turned out to be gone (ok[i] false). Streams on this
+// instance are updated directly; other instances are told on their control
+// channel, so that a stream whose acks go through another instance (as with
+// round-robin clients) does not wait for its leases to run out.
+func (s *Server) settleLocal(ctx context.Context, ts []ackToken, ok []bool, settled bool) {
+	remote := map[string][]string{}
+	s.mu.Lock()
+	for i, t := range ts {
+		if !settled && (i >= len(ok) || ok[i]) {
+			continue
+		}
+		if t.Instance != s.instance {
+			remote[t.Instance] = append(remote[t.Instance], strconv.FormatUint(t.Consumer, 10)+" "+t.Queue+" "+t.LeaseID)
+			continue
+		}
+		s.forgetLocked(t.Consumer, t.Queue, t.LeaseID)
+	}
+	s.mu.Unlock()
+	for inst, lines := range remote {
+		if _, err := s.b.Publish(ctx, controlPrefix+inst, []byte(strings.Join(lines, "\n"))); err != nil {
+			s.log.Debug("cannot notify the instance holding a stream; its credit returns when the leases expire", "instance", inst, "err", err)
+		}
+	}
+}
+
+func (s *Server) forgetLocked(consumerID uint64, queue, leaseID string) {
+	if c := s.consumers[consumerID]; c != nil {
+		c.forget(leaseID)
+	}
+	if d := s.dispatchers[queue]; d != nil {
+		d.poke()
+	}
+}
+
+// controlPrefix starts the name of every instance's control channel. The
+// braces keep clients from publishing to it through qbridge.
+const controlPrefix = "{qbridge}:instance:"
+
+func (s *Server) controlChannel() string { return s.b.Keys().Channel(controlPrefix + s.instance) }
+
+// applyControl handles a message on this instance's control channel: lines
+// of "<consumer> <queue> <lease id>" for leases settled through another
+// instance.
+func (s *Server) applyControl(payload string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for i, t := range ts {
-		if t.Instance != s.instance {
+	for _, line := range strings.Split(payload, "\n") {
+		f := strings.Fields(line)
+		if len(f) != 3 {
 			continue
 		}
-		c := s.consumers[t.Consumer]
-		if c == nil {
+		id, err := strconv.ParseUint(f[0], 10, 64)
+		if err != nil {
 			continue
 		}
-		if settled || i < len(ok) && !ok[i] {
-			c.forget(t.LeaseID)
-		}
-		if d := s.dispatchers[t.Queue]; d != nil {
-			d.poke()
-		}
+		s.forgetLocked(id, f[1], f[2])
 	}
 }
 
@@ -594,7 +634,7 @@ func (s *Server) applyTokens(ctx context.Context, verb string, settles bool, tok
 				stale++
 			}
 		}
-		s.settleLocal(ts, ok, settles)
+		s.settleLocal(ctx, ts, ok, settles)
 	}
 	if firstErr != nil {
 		if done > 0 {

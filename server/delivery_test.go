@@ -400,3 +400,31 @@ func TestAutoAck(t *testing.T) {
 		t.Fatalf("auto-ack deliveries came back after the stream ended: %d ready", r)
 	}
 }
+
+// A stream on one instance whose deliveries are acked through another
+// (round-robin clients) gets its credit back at once, not after the lease.
+func TestAckOnOtherInstanceFreesCredit(t *testing.T) {
+	rs := redistest.Start(t)
+	a := startInstance(t, rs, instanceConfig{})
+	b := startInstance(t, rs, instanceConfig{})
+	enqueueN(t, a.client, "cross", 3)
+	s := consume(t, a.client, &qbridgev1.ConsumeRequest{Queue: "cross", MaxInFlight: 1, LeaseDuration: lease(time.Minute)})
+	for i := 0; i < 3; i++ {
+		d := s.next(t, 5*time.Second)
+		if string(d.GetPayload()) != fmt.Sprintf("m%d", i) {
+			t.Fatalf("delivery %d = %q", i, d.GetPayload())
+		}
+		if err := ack(t, b.client, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Nack through b frees credit too.
+	enqueueN(t, a.client, "cross", 1)
+	d := s.next(t, 5*time.Second)
+	if _, err := b.client.Nack(ctxT(t, 5*time.Second), &qbridgev1.NackRequest{AckTokens: []string{d.GetAckToken()}}); err != nil {
+		t.Fatal(err)
+	}
+	if again := s.next(t, 5*time.Second); again.GetId() != d.GetId() || again.GetAttempt() != 2 {
+		t.Fatalf("after a nack through b: %v", again)
+	}
+}

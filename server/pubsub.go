@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -67,6 +68,11 @@ func (h *hub) run(ctx context.Context) {
 	ps := h.ps
 	h.mu.Unlock()
 	defer ps.Close()
+	// The instance's control channel; go-redis keeps it subscribed across
+	// reconnects even if this first attempt fails.
+	if err := ps.Subscribe(ctx, h.s.controlChannel()); err != nil {
+		h.s.log.Warn("cannot subscribe to the control channel yet; will on reconnect", "err", err)
+	}
 	ch := ps.ChannelWithSubscriptions(redis.WithChannelSize(1024), redis.WithChannelHealthCheckInterval(10*time.Second))
 	for {
 		select {
@@ -122,6 +128,12 @@ func (h *hub) confirmed(m *redis.Subscription) {
 
 func (h *hub) fanOut(m *redis.Message) {
 	keys := h.s.b.Keys()
+	if strings.HasPrefix(m.Channel, keys.Channel(controlPrefix)) {
+		if m.Channel == h.s.controlChannel() && m.Pattern == "" {
+			h.s.applyControl(m.Payload)
+		}
+		return // never shown to Subscribe streams
+	}
 	msg := &qbridgev1.PubSubMessage{Channel: keys.StripChannel(m.Channel), Payload: []byte(m.Payload)}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -192,14 +204,25 @@ func (h *hub) add(ctx context.Context, sub *subscriber) error {
 		sub.readyClosed = true
 		close(sub.ready)
 	}
+	// If sending fails, no confirmation will come for what was not sent.
+	rollback := func(kind string, names []string) {
+		for _, n := range names {
+			if h.pending[kind+n]--; h.pending[kind+n] <= 0 {
+				delete(h.pending, kind+n)
+			}
+		}
+	}
 	if len(newChans) > 0 {
 		if err := h.ps.Subscribe(ctx, newChans...); err != nil {
+			rollback("c:", newChans)
+			rollback("p:", newPats)
 			h.removeLocked(sub)
 			return fmt.Errorf("subscribe: %w", err)
 		}
 	}
 	if len(newPats) > 0 {
 		if err := h.ps.PSubscribe(ctx, newPats...); err != nil {
+			rollback("p:", newPats)
 			h.removeLocked(sub)
 			return fmt.Errorf("psubscribe: %w", err)
 		}
