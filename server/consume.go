@@ -44,6 +44,8 @@ type consumer struct {
 	autoAck bool
 	inbox   chan []broker.Lease // capacity window: never blocks the dispatcher
 
+	settled chan struct{} // capacity 1: signalled when held leases are forgotten
+
 	mu     sync.Mutex
 	held   map[string]time.Time // lease id -> deadline, for leases taken for this stream and not settled
 	unsent int                  // auto-ack: popped, not yet sent
@@ -96,6 +98,10 @@ func (c *consumer) forget(leaseIDs ...string) {
 	defer c.mu.Unlock()
 	for _, id := range leaseIDs {
 		delete(c.held, id)
+	}
+	select {
+	case c.settled <- struct{}{}:
+	default:
 	}
 }
 
@@ -198,6 +204,18 @@ func (s *Server) detach(c *consumer) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.consumers, c.id)
+	s.undispatchLocked(c)
+}
+
+// undispatch stops giving c new messages, but keeps it reachable for the
+// acks of what it holds (used while draining).
+func (s *Server) undispatch(c *consumer) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.undispatchLocked(c)
+}
+
+func (s *Server) undispatchLocked(c *consumer) {
 	d := s.dispatchers[c.queue]
 	if d == nil {
 		return
@@ -375,6 +393,7 @@ func (s *Server) Consume(req *qbridgev1.ConsumeRequest, stream qbridgev1.QueueSe
 		lease:   lease,
 		autoAck: req.GetAutoAck(),
 		inbox:   make(chan []broker.Lease, window),
+		settled: make(chan struct{}, 1),
 		held:    map[string]time.Time{},
 	}
 	if err := s.attach(c); err != nil {
@@ -428,9 +447,11 @@ func (s *Server) pump(stream qbridgev1.QueueService_ConsumeServer, c *consumer) 
 			// Stop taking work; hand back what was taken but not sent,
 			// and end once nothing is held (or at stopStreams).
 			draining = nil
-			s.detach(c)
+			s.undispatch(c)
 			_, unsent := c.drainInbox()
 			s.giveBackUnsent(c, unsent)
+		case <-c.settled:
+			// Checked below: a draining stream ends once it holds nothing.
 		case <-s.stopStreams:
 			return errShuttingDown
 		case <-ctx.Done():

@@ -1,0 +1,424 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/qbridge/qbridge/server"
+)
+
+// Config is qbridged's configuration. Every field comes from one entry of
+// flagDefs: its default, overridden by its environment variable, overridden
+// by its command-line flag.
+type Config struct {
+	Listen           string
+	RedisURL         string
+	RedisDB          int
+	KeyPrefix        string
+	RawQueues        []string
+	MaxPayloadBytes  int
+	MaxBatch         int
+	MaxInFlight      int
+	DefaultLease     time.Duration
+	ReapInterval     time.Duration
+	SubscriberBuffer int
+	WaitSlice        time.Duration
+	DrainTimeout     time.Duration
+	ShutdownTimeout  time.Duration
+	KeepaliveTime    time.Duration
+	KeepaliveTimeout time.Duration
+	BlockingPoolSize int
+	LogLevel         slog.Level
+	LogFormat        string
+}
+
+// Lease bounds the server accepts (server.WithLeaseBounds); --default-lease
+// must lie within them.
+const (
+	minLease = time.Second
+	maxLease = 12 * time.Hour
+	// maxPayloadLimit is Redis' largest string (proto-max-bulk-len default).
+	maxPayloadLimit = 512 << 20
+)
+
+// flagDef is one configuration setting: a flag, its environment variable and
+// its default. flagDefs is the single source of the --help text and of the
+// table in README.md.
+type flagDef struct {
+	name  string // flag name, without dashes
+	arg   string // what the value is, for the help text
+	def   string // default, as it would be typed
+	usage string // one sentence or two
+	value func(c *Config) flag.Value
+}
+
+// envVar is the environment variable for the flag: QBRIDGE_<UPPER_SNAKE>.
+func (d flagDef) envVar() string {
+	return "QBRIDGE_" + strings.ToUpper(strings.ReplaceAll(d.name, "-", "_"))
+}
+
+var flagDefs = []flagDef{
+	{"listen", "host:port", "127.0.0.1:7070",
+		"gRPC listen address. Port 0 picks a free port (the log says which).",
+		func(c *Config) flag.Value { return (*stringValue)(&c.Listen) }},
+	{"redis-url", "url", "",
+		"Redis to use: redis://[user:password@]host:port[/db], rediss:// for TLS, or unix:///path/to/redis.sock[?db=N]. Empty starts an embedded in-memory engine for development: nothing is durable.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.RedisURL) }},
+	{"redis-db", "n", "-1",
+		"Redis database number. -1 takes it from --redis-url (0 when the URL has none); any other value overrides the URL.",
+		func(c *Config) flag.Value { return (*intValue)(&c.RedisDB) }},
+	{"key-prefix", "prefix", "",
+		"Prefix of every Redis key and pub/sub channel qbridge uses.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.KeyPrefix) }},
+	{"raw-queues", "q1,q2", "",
+		"Comma-separated queues in raw mode: their Redis lists hold bare payloads that plain Redis clients (BLPOP) can read; such messages carry no headers.",
+		func(c *Config) flag.Value { return (*listValue)(&c.RawQueues) }},
+	{"max-payload-bytes", "bytes", "1048576",
+		"Largest payload of one message or publish.",
+		func(c *Config) flag.Value { return (*intValue)(&c.MaxPayloadBytes) }},
+	{"max-batch", "n", "1000",
+		"Most messages in one EnqueueBatch.",
+		func(c *Config) flag.Value { return (*intValue)(&c.MaxBatch) }},
+	{"max-in-flight", "n", "1024",
+		"Largest max_in_flight a Consume stream may ask for.",
+		func(c *Config) flag.Value { return (*intValue)(&c.MaxInFlight) }},
+	{"default-lease", "duration", "30s",
+		"Lease of a delivery when the Consume request sets none (allowed: 1s to 12h).",
+		func(c *Config) flag.Value { return (*durationValue)(&c.DefaultLease) }},
+	{"reap-interval", "duration", "1s",
+		"How often deliveries whose lease ran out are looked for and requeued.",
+		func(c *Config) flag.Value { return (*durationValue)(&c.ReapInterval) }},
+	{"subscriber-buffer", "messages", "1024",
+		"Messages one Subscribe stream may have waiting to be sent (also at most 8 MiB); a slower subscriber is cut off with RESOURCE_EXHAUSTED.",
+		func(c *Config) flag.Value { return (*intValue)(&c.SubscriberBuffer) }},
+	{"wait-slice", "duration", "5s",
+		"Length of one blocking wait in Redis on an empty queue before it is re-issued (whole seconds, at least 1s).",
+		func(c *Config) flag.Value { return (*durationValue)(&c.WaitSlice) }},
+	{"drain-timeout", "duration", "10s",
+		"On shutdown, how long consumers get to ack what they hold before their streams are ended (unacked messages go back to their queues). 0 ends them at once.",
+		func(c *Config) flag.Value { return (*durationValue)(&c.DrainTimeout) }},
+	{"shutdown-timeout", "duration", "5s",
+		"On shutdown, after draining, how long the gRPC server waits for calls to finish before closing connections.",
+		func(c *Config) flag.Value { return (*durationValue)(&c.ShutdownTimeout) }},
+	{"keepalive-time", "duration", "10s",
+		"The server pings a connection that has been idle this long (at least 1s).",
+		func(c *Config) flag.Value { return (*durationValue)(&c.KeepaliveTime) }},
+	{"keepalive-timeout", "duration", "5s",
+		"A connection that does not answer a ping within this time is closed, and its streams end (their unacked messages go back to their queues).",
+		func(c *Config) flag.Value { return (*durationValue)(&c.KeepaliveTimeout) }},
+	{"blocking-pool-size", "n", "256",
+		"Connection pool size of the separate Redis client used for blocking waits on empty queues and for pub/sub.",
+		func(c *Config) flag.Value { return (*intValue)(&c.BlockingPoolSize) }},
+	{"log-level", "level", "info",
+		"Log level: debug, info, warn or error.",
+		func(c *Config) flag.Value { return (*levelValue)(&c.LogLevel) }},
+	{"log-format", "format", "text",
+		"Log format: text or json. Logs go to stderr.",
+		func(c *Config) flag.Value { return (*formatValue)(&c.LogFormat) }},
+}
+
+// parseConfig builds the Config from defaults, then the environment (read
+// through getenv; an empty value counts as unset), then args. It returns
+// flag.ErrHelp when args ask for help.
+func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*Config, error) {
+	c := &Config{}
+	fs := flag.NewFlagSet("qbridged", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "Run 'qbridged --help' for the flags and their environment variables.")
+	}
+	for _, d := range flagDefs {
+		v := d.value(c)
+		if err := v.Set(d.def); err != nil {
+			panic(fmt.Sprintf("qbridged: bad default %q for --%s: %v", d.def, d.name, err))
+		}
+		if env := getenv(d.envVar()); env != "" {
+			if err := v.Set(env); err != nil {
+				return nil, fmt.Errorf("invalid value %q in %s (--%s): %v", env, d.envVar(), d.name, err)
+			}
+		}
+		fs.Var(v, d.name, d.usage)
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, flag.ErrHelp
+		}
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q: qbridged takes only flags (see --help)", fs.Arg(0))
+	}
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// validate checks values that each parse fine but are out of range.
+func (c *Config) validate() error {
+	var errs []string
+	bad := func(name, format string, args ...any) {
+		d := lookupFlag(name)
+		errs = append(errs, fmt.Sprintf("--%s (%s) %s", name, d.envVar(), fmt.Sprintf(format, args...)))
+	}
+	if c.Listen == "" {
+		bad("listen", "is empty; give host:port, e.g. 127.0.0.1:7070")
+	}
+	if c.RedisDB < -1 {
+		bad("redis-db", "must be -1 (take it from --redis-url) or a database number >= 0, got %d", c.RedisDB)
+	}
+	if c.RedisURL != "" {
+		if _, err := c.redisOptions(); err != nil {
+			errs = append(errs, err.Error())
+		}
+	}
+	for _, q := range c.RawQueues {
+		if err := server.ValidateName("queue", q); err != nil {
+			bad("raw-queues", "has a bad entry: %v", err)
+		}
+	}
+	if c.MaxPayloadBytes <= 0 || c.MaxPayloadBytes > maxPayloadLimit {
+		bad("max-payload-bytes", "must be between 1 and %d (512 MiB, the largest Redis string), got %d", maxPayloadLimit, c.MaxPayloadBytes)
+	}
+	positive := []struct {
+		name string
+		v    int
+	}{
+		{"max-batch", c.MaxBatch},
+		{"max-in-flight", c.MaxInFlight},
+		{"subscriber-buffer", c.SubscriberBuffer},
+		{"blocking-pool-size", c.BlockingPoolSize},
+	}
+	for _, p := range positive {
+		if p.v <= 0 {
+			bad(p.name, "must be a positive number, got %d", p.v)
+		}
+	}
+	if c.DefaultLease < minLease || c.DefaultLease > maxLease {
+		bad("default-lease", "must be between %v and %v, got %v", minLease, maxLease, c.DefaultLease)
+	}
+	if c.ReapInterval <= 0 {
+		bad("reap-interval", "must be a positive duration, got %v", c.ReapInterval)
+	}
+	// Redis blocking commands take whole seconds here (go-redis truncates
+	// shorter timeouts to 1s with a warning); 0 would block forever.
+	if c.WaitSlice < time.Second || c.WaitSlice%time.Second != 0 {
+		bad("wait-slice", "must be a whole number of seconds, at least 1s, got %v", c.WaitSlice)
+	}
+	if c.DrainTimeout < 0 {
+		bad("drain-timeout", "must be 0 or a positive duration, got %v", c.DrainTimeout)
+	}
+	if c.ShutdownTimeout <= 0 {
+		bad("shutdown-timeout", "must be a positive duration, got %v", c.ShutdownTimeout)
+	}
+	if c.KeepaliveTime < time.Second {
+		bad("keepalive-time", "must be at least 1s, got %v", c.KeepaliveTime)
+	}
+	if c.KeepaliveTimeout <= 0 {
+		bad("keepalive-timeout", "must be a positive duration, got %v", c.KeepaliveTimeout)
+	}
+	if len(errs) > 0 {
+		return errors.New(strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+func lookupFlag(name string) flagDef {
+	for _, d := range flagDefs {
+		if d.name == name {
+			return d
+		}
+	}
+	panic("qbridged: no flag " + name)
+}
+
+// redisOptions parses --redis-url and applies --redis-db. Errors never
+// contain the password of the URL.
+func (c *Config) redisOptions() (*redis.Options, error) {
+	where := fmt.Sprintf("--redis-url (%s) %s", lookupFlag("redis-url").envVar(), redactURL(c.RedisURL))
+	if _, err := url.Parse(c.RedisURL); err != nil {
+		// url.Error repeats the whole URL, password included: keep only
+		// the reason.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return nil, fmt.Errorf("%s is not a valid URL: %v", where, err)
+	}
+	opts, err := redis.ParseURL(c.RedisURL)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v (want redis://host:port/db, rediss://host:port/db or unix:///path.sock?db=N)", where, err)
+	}
+	if c.RedisDB >= 0 {
+		opts.DB = c.RedisDB
+	}
+	return opts, nil
+}
+
+// redactURL returns raw with any password replaced by "xxxxx", for logs and
+// error messages.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
+}
+
+// rawQueueSet returns the membership test for broker.WithRawQueues.
+func (c *Config) rawQueueSet() func(string) bool {
+	set := make(map[string]struct{}, len(c.RawQueues))
+	for _, q := range c.RawQueues {
+		set[q] = struct{}{}
+	}
+	return func(q string) bool {
+		_, ok := set[q]
+		return ok
+	}
+}
+
+// maxRecvMsgSize is the largest gRPC message qbridged accepts: room for a
+// request carrying the largest payload twice over plus headers, and never
+// less than 16 MiB so that batches of small messages fit.
+func (c *Config) maxRecvMsgSize() int {
+	return max(4<<20, c.MaxPayloadBytes*2+1<<20, 16<<20)
+}
+
+// writeHelp prints every flag with its environment variable and default.
+func writeHelp(w io.Writer) {
+	fmt.Fprint(w, `Usage: qbridged [flags]
+
+qbridged serves the qbridge.v1.QueueService gRPC API (work queues and pub/sub
+over Redis), with gRPC health checking and server reflection.
+
+Every flag can also be set with its environment variable; a flag given on the
+command line wins over the environment. Flags take one or two dashes.
+
+`)
+	for _, d := range flagDefs {
+		def := d.def
+		if def == "" {
+			def = `""`
+		}
+		fmt.Fprintf(w, "  --%s %s\n      env %s, default %s\n", d.name, d.arg, d.envVar(), def)
+		for _, line := range wrap(d.usage, 72) {
+			fmt.Fprintf(w, "      %s\n", line)
+		}
+	}
+}
+
+// markdownFlagTable renders flagDefs as the table in README.md.
+func markdownFlagTable() string {
+	var b strings.Builder
+	b.WriteString("| Flag | Environment variable | Default | Description |\n")
+	b.WriteString("|------|----------------------|---------|-------------|\n")
+	for _, d := range flagDefs {
+		def := "`" + d.def + "`"
+		if d.def == "" {
+			def = "(empty)"
+		}
+		fmt.Fprintf(&b, "| `--%s` | `%s` | %s | %s |\n", d.name, d.envVar(), def, strings.ReplaceAll(d.usage, "|", `\|`))
+	}
+	return b.String()
+}
+
+// wrap splits s into lines of at most width bytes, at spaces.
+func wrap(s string, width int) []string {
+	var lines []string
+	line := ""
+	for _, w := range strings.Fields(s) {
+		if line != "" && len(line)+1+len(w) > width {
+			lines = append(lines, line)
+			line = ""
+		}
+		if line != "" {
+			line += " "
+		}
+		line += w
+	}
+	if line != "" {
+		lines = append(lines, line)
+	}
+	return lines
+}
+
+// flag.Value implementations. Their errors say what is expected, since they
+// are shown for both flags and environment variables.
+
+type stringValue string
+
+func (v *stringValue) String() string     { return string(*v) }
+func (v *stringValue) Set(s string) error { *v = stringValue(s); return nil }
+
+type intValue int
+
+func (v *intValue) String() string { return strconv.Itoa(int(*v)) }
+func (v *intValue) Set(s string) error {
+	n, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil {
+		return fmt.Errorf("want an integer such as 1024")
+	}
+	*v = intValue(n)
+	return nil
+}
+
+type durationValue time.Duration
+
+func (v *durationValue) String() string { return time.Duration(*v).String() }
+func (v *durationValue) Set(s string) error {
+	d, err := time.ParseDuration(strings.TrimSpace(s))
+	if err != nil {
+		return fmt.Errorf("want a duration such as 500ms, 30s or 1m30s")
+	}
+	*v = durationValue(d)
+	return nil
+}
+
+// listValue is a comma-separated list; blanks around entries and empty
+// entries are dropped.
+type listValue []string
+
+func (v *listValue) String() string { return strings.Join(*v, ",") }
+func (v *listValue) Set(s string) error {
+	var out []string
+	for _, e := range strings.Split(s, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			out = append(out, e)
+		}
+	}
+	*v = out
+	return nil
+}
+
+type levelValue slog.Level
+
+func (v *levelValue) String() string { return slog.Level(*v).String() }
+func (v *levelValue) Set(s string) error {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(strings.TrimSpace(s))); err != nil {
+		return fmt.Errorf("want debug, info, warn or error")
+	}
+	*v = levelValue(l)
+	return nil
+}
+
+type formatValue string
+
+func (v *formatValue) String() string { return string(*v) }
+func (v *formatValue) Set(s string) error {
+	switch f := strings.ToLower(strings.TrimSpace(s)); f {
+	case "text", "json":
+		*v = formatValue(f)
+		return nil
+	}
+	return fmt.Errorf("want text or json")
+}

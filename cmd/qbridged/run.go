@@ -1,0 +1,336 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"sync/atomic"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
+	"github.com/redis/go-redis/v9"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
+	"github.com/qbridge/qbridge/server"
+	"github.com/qbridge/qbridge/server/broker"
+)
+
+const (
+	// healthInterval is how often Redis is pinged for the health service.
+	healthInterval = time.Second
+	// pingTimeout bounds one health ping.
+	pingTimeout = time.Second
+	// loadScriptsTimeout bounds the script preload at startup.
+	loadScriptsTimeout = 3 * time.Second
+	// keepaliveMinTime is the shortest client ping interval tolerated.
+	keepaliveMinTime = 5 * time.Second
+
+	embeddedWarning = "EMBEDDED IN-MEMORY ENGINE: nothing is durable, all messages are lost when qbridged stops; set --redis-url / QBRIDGE_REDIS_URL for production"
+	// panicMessage is what a client sees when a handler panicked.
+	panicMessage = "internal error; see qbridged logs"
+)
+
+// queueServiceName is the health service name of QueueService.
+var queueServiceName = qbridgev1.QueueService_ServiceDesc.ServiceName
+
+// run is qbridged: it parses its configuration, serves until ctx is done,
+// then shuts down gracefully. It returns nil after a shutdown caused by ctx
+// (and after --help), an error when qbridged cannot start or stops on its
+// own.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		writeHelp(stdout)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg, stderr)
+	redisLog.Store(log)
+
+	// Redis: the configured one, or an embedded engine.
+	var opts *redis.Options
+	if cfg.RedisURL == "" {
+		mr := miniredis.NewMiniRedis()
+		if err := mr.StartAddr("127.0.0.1:0"); err != nil {
+			return fmt.Errorf("start the embedded in-memory engine: %w", err)
+		}
+		defer func() {
+			mr.Close()
+			log.Info("embedded in-memory engine stopped")
+		}()
+		log.Warn(embeddedWarning, "engine_addr", mr.Addr())
+		opts = &redis.Options{Addr: mr.Addr(), DB: max(cfg.RedisDB, 0)}
+	} else {
+		if opts, err = cfg.redisOptions(); err != nil {
+			return err
+		}
+		log.Info("using Redis", "url", redactURL(cfg.RedisURL), "db", opts.DB)
+	}
+	blockingOpts := *opts
+	blockingOpts.PoolSize = cfg.BlockingPoolSize
+	var rdb redis.UniversalClient = redis.NewClient(opts)
+	var blocking redis.UniversalClient = redis.NewClient(&blockingOpts)
+	defer func() {
+		_ = blocking.Close()
+		_ = rdb.Close()
+		log.Info("Redis clients closed")
+	}()
+
+	b := broker.New(rdb,
+		broker.WithKeyPrefix(cfg.KeyPrefix),
+		broker.WithRawQueues(cfg.rawQueueSet()),
+		broker.WithBlockingClient(blocking),
+	)
+	loadCtx, cancelLoad := context.WithTimeout(ctx, loadScriptsTimeout)
+	if err := b.LoadScripts(loadCtx); err != nil {
+		// Not fatal: scripts are sent again (EVAL) when Redis lacks them,
+		// and the service recovers by itself when Redis comes back.
+		log.Warn("cannot preload Lua scripts into Redis; starting anyway, requests fail with UNAVAILABLE until Redis answers", "err", err)
+	}
+	cancelLoad()
+
+	srv := server.New(b,
+		server.WithLogger(log),
+		server.WithMaxPayload(cfg.MaxPayloadBytes),
+		server.WithMaxBatch(cfg.MaxBatch),
+		server.WithMaxInFlight(cfg.MaxInFlight),
+		server.WithLeaseBounds(cfg.DefaultLease, minLease, maxLease),
+		server.WithReapInterval(cfg.ReapInterval),
+		server.WithWaitSlice(cfg.WaitSlice),
+		server.WithSubscriberBuffer(cfg.SubscriberBuffer, 8<<20),
+	)
+	srv.Start()
+	defer func() {
+		srv.Close()
+		log.Info("queue service stopped")
+	}()
+
+	gs := newGRPCServer(cfg, log)
+	defer gs.Stop() // a no-op after the graceful stop below
+	qbridgev1.RegisterQueueServiceServer(gs, srv)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
+	reflection.Register(gs)
+
+	// Health follows Redis. The first check runs before serving, so the
+	// status is right from the first request.
+	hctx, stopHealth := context.WithCancel(context.Background())
+	hw := &healthWatch{srv: srv, hs: hs, log: log}
+	hw.check(hctx)
+	healthDone := make(chan struct{})
+	go func() {
+		defer close(healthDone)
+		hw.loop(hctx)
+	}()
+	defer func() {
+		stopHealth()
+		<-healthDone
+	}()
+
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s (--listen): %w", cfg.Listen, err)
+	}
+	log.Info("qbridge listening", "grpc", ln.Addr().String())
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- gs.Serve(ln) }()
+
+	var runErr error
+	serving := true
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down", "cause", context.Cause(ctx))
+	case err := <-serveErr:
+		// Serve only returns early on a listener failure.
+		serving = false
+		runErr = fmt.Errorf("gRPC server stopped: %w", err)
+		log.Error("gRPC server stopped unexpectedly; shutting down", "err", err)
+	}
+
+	// 1. Tell load balancers to go elsewhere.
+	stopHealth()
+	<-healthDone
+	hs.Shutdown()
+	log.Info("health set to NOT_SERVING")
+
+	// 2. Stop taking work, let consumers settle what they hold, then end
+	// the streams; their unacked messages go back to their queues.
+	log.Info("draining: new work refused, waiting for consumers to ack", "drain_timeout", cfg.DrainTimeout)
+	start := time.Now()
+	dctx, cancelDrain := context.WithTimeout(context.Background(), cfg.DrainTimeout)
+	srv.Drain(dctx)
+	cancelDrain()
+	log.Info("drained; streams ended", "took", time.Since(start).Round(time.Millisecond))
+
+	// 3. Let the remaining calls finish, up to --shutdown-timeout.
+	stopped := make(chan struct{})
+	go func() {
+		gs.GracefulStop()
+		close(stopped)
+	}()
+	t := time.NewTimer(cfg.ShutdownTimeout)
+	select {
+	case <-stopped:
+		log.Info("gRPC server stopped")
+	case <-t.C:
+		log.Warn("calls still running after --shutdown-timeout; closing their connections", "shutdown_timeout", cfg.ShutdownTimeout)
+		gs.Stop()
+		<-stopped
+	}
+	t.Stop()
+	if serving {
+		<-serveErr
+	}
+
+	// 4. The deferred steps: queue service, Redis clients, embedded engine.
+	return runErr
+}
+
+// redisLog is where redisLogger sends go-redis' internal messages: the
+// logger of the latest run.
+var redisLog atomic.Pointer[slog.Logger]
+
+// redisLogger adapts go-redis' internal logging (a redis.SetLogger target,
+// installed by main) to slog. Its messages, mostly failed dials while Redis
+// is down, are logged at debug level: health transitions and the queue
+// service already report unreachable Redis once, at warn level.
+type redisLogger struct{}
+
+func (redisLogger) Printf(ctx context.Context, format string, v ...any) {
+	if l := redisLog.Load(); l != nil {
+		l.DebugContext(ctx, fmt.Sprintf(format, v...), "source", "go-redis")
+	}
+}
+
+// newLogger returns the slog logger cfg asks for, writing to w.
+func newLogger(cfg *Config, w io.Writer) *slog.Logger {
+	ho := &slog.HandlerOptions{Level: cfg.LogLevel}
+	if cfg.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, ho))
+	}
+	return slog.New(slog.NewTextHandler(w, ho))
+}
+
+// newGRPCServer returns the gRPC server with keepalive, message size limits
+// and the interceptor chain.
+func newGRPCServer(cfg *Config, log *slog.Logger) *grpc.Server {
+	unary, stream := interceptors(log)
+	return grpc.NewServer(
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			Time:    cfg.KeepaliveTime,
+			Timeout: cfg.KeepaliveTimeout,
+		}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
+			MinTime:             keepaliveMinTime,
+			PermitWithoutStream: true,
+		}),
+		grpc.MaxRecvMsgSize(cfg.maxRecvMsgSize()),
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(stream...),
+	)
+}
+
+// interceptors returns the one chain used for unary and streaming calls,
+// outermost first: call logging, then panic recovery (innermost, so that a
+// recovered panic is logged as the INTERNAL error the client sees).
+func interceptors(log *slog.Logger) ([]grpc.UnaryServerInterceptor, []grpc.StreamServerInterceptor) {
+	logger := logging.LoggerFunc(func(ctx context.Context, lvl logging.Level, msg string, fields ...any) {
+		log.Log(ctx, slog.Level(lvl), msg, fields...)
+	})
+	logOpts := []logging.Option{
+		logging.WithLogOnEvents(logging.FinishCall),
+		logging.WithLevels(callLevel),
+	}
+	recoverOpts := []recovery.Option{
+		recovery.WithRecoveryHandlerContext(func(ctx context.Context, p any) error {
+			log.ErrorContext(ctx, "panic in gRPC handler", "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			return status.Error(codes.Internal, panicMessage)
+		}),
+	}
+	return []grpc.UnaryServerInterceptor{
+			logging.UnaryServerInterceptor(logger, logOpts...),
+			recovery.UnaryServerInterceptor(recoverOpts...),
+		}, []grpc.StreamServerInterceptor{
+			logging.StreamServerInterceptor(logger, logOpts...),
+			recovery.StreamServerInterceptor(recoverOpts...),
+		}
+}
+
+// callLevel is the log level of a finished call. Successful calls and
+// streams the client ended are routine (debug: a busy queue makes many);
+// the rest follow the library's server defaults.
+func callLevel(c codes.Code) logging.Level {
+	switch c {
+	case codes.OK, codes.Canceled:
+		return logging.LevelDebug
+	}
+	return logging.DefaultServerCodeToLevel(c)
+}
+
+// healthWatch sets the health status from Redis reachability.
+type healthWatch struct {
+	srv *server.Server
+	hs  *health.Server
+	log *slog.Logger
+
+	known   bool
+	serving bool
+}
+
+func (h *healthWatch) loop(ctx context.Context) {
+	t := time.NewTicker(healthInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			h.check(ctx)
+		}
+	}
+}
+
+// check pings Redis once and updates the status, logging transitions.
+func (h *healthWatch) check(ctx context.Context) {
+	pctx, cancel := context.WithTimeout(ctx, pingTimeout)
+	err := h.srv.Ping(pctx)
+	cancel()
+	if ctx.Err() != nil {
+		return
+	}
+	serving := err == nil
+	st := healthpb.HealthCheckResponse_NOT_SERVING
+	if serving {
+		st = healthpb.HealthCheckResponse_SERVING
+	}
+	h.hs.SetServingStatus("", st)
+	h.hs.SetServingStatus(queueServiceName, st)
+	if h.known && h.serving == serving {
+		return
+	}
+	switch {
+	case serving && h.known:
+		h.log.Info("Redis reachable again; health SERVING")
+	case serving:
+		h.log.Info("Redis reachable; health SERVING")
+	default:
+		h.log.Warn("Redis unreachable; health NOT_SERVING until it answers", "err", err)
+	}
+	h.known, h.serving = true, serving
+}
