@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
@@ -413,7 +414,7 @@ func (s *Server) pump(stream qbridgev1.QueueService_ConsumeServer, c *consumer) 
 	for {
 		select {
 		case ls := <-c.inbox:
-			if err := stream.Send(&qbridgev1.ConsumeResponse{Deliveries: s.deliveries(c, ls)}); err != nil {
+			if err := s.send(stream, c, ls); err != nil {
 				// Auto-ack: whether the client got this batch cannot be
 				// told, so it counts as delivered (at-most-once).
 				// Otherwise the leases are held and release requeues them.
@@ -521,6 +522,29 @@ func (s *Server) release(c *consumer) {
 		s.log.Debug("stream ended; requeued its unacked messages", "queue", c.queue, "requeued", n)
 		s.kickQueue(c.queue)
 	}
+}
+
+// send sends a batch in as many responses as it takes to keep each under
+// the response size limit (a standard gRPC client refuses messages over
+// 4 MiB by default). A single delivery always goes out alone if need be.
+func (s *Server) send(stream qbridgev1.QueueService_ConsumeServer, c *consumer, ls []broker.Lease) error {
+	ds := s.deliveries(c, ls)
+	for len(ds) > 0 {
+		n, size := 0, 0
+		for n < len(ds) {
+			sz := proto.Size(ds[n]) + 8
+			if n > 0 && size+sz > s.opts.maxResponseBytes {
+				break
+			}
+			size += sz
+			n++
+		}
+		if err := stream.Send(&qbridgev1.ConsumeResponse{Deliveries: ds[:n]}); err != nil {
+			return err
+		}
+		ds = ds[n:]
+	}
+	return nil
 }
 
 func (s *Server) deliveries(c *consumer, ls []broker.Lease) []*qbridgev1.Delivery {

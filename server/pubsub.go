@@ -61,18 +61,25 @@ func newHub(s *Server) *hub {
 	return &hub{s: s, chans: map[string]*subRef{}, pats: map[string]*subRef{}, pending: map[string]int{}}
 }
 
-// run opens the shared connection and fans messages out until ctx ends.
-func (h *hub) run(ctx context.Context) {
-	h.mu.Lock()
-	h.ps = h.s.b.PubSub(ctx)
-	ps := h.ps
-	h.mu.Unlock()
-	defer ps.Close()
-	// The instance's control channel; go-redis keeps it subscribed across
-	// reconnects even if this first attempt fails.
+// open creates the shared connection and subscribes the instance's control
+// channel; go-redis keeps it subscribed across reconnects even if this
+// first attempt fails.
+func (h *hub) open(ctx context.Context) {
+	ps := h.s.b.PubSub(ctx)
 	if err := ps.Subscribe(ctx, h.s.controlChannel()); err != nil {
 		h.s.log.Warn("cannot subscribe to the control channel yet; will on reconnect", "err", err)
 	}
+	h.mu.Lock()
+	h.ps = ps
+	h.mu.Unlock()
+}
+
+// run fans messages out until ctx ends.
+func (h *hub) run(ctx context.Context) {
+	h.mu.Lock()
+	ps := h.ps
+	h.mu.Unlock()
+	defer ps.Close()
 	ch := ps.ChannelWithSubscriptions(redis.WithChannelSize(1024), redis.WithChannelHealthCheckInterval(10*time.Second))
 	for {
 		select {

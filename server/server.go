@@ -58,6 +58,7 @@ type options struct {
 	waitSlice         time.Duration
 	subscriberBuffer  int
 	subscriberBytes   int
+	maxResponseBytes  int
 	requeueTimeout    time.Duration
 	claimRetryBackoff time.Duration
 }
@@ -99,6 +100,12 @@ func WithSubscriberBuffer(msgs, bytes int) Option {
 	return func(o *options) { o.subscriberBuffer, o.subscriberBytes = msgs, bytes }
 }
 
+// WithMaxResponseBytes caps the size of one ConsumeResponse; a batch of
+// deliveries is split to stay under it. Default: 3 MiB, below the 4 MiB a
+// standard gRPC client accepts by default. A single delivery larger than
+// this is still sent (clients must then raise their receive limit).
+func WithMaxResponseBytes(n int) Option { return func(o *options) { o.maxResponseBytes = n } }
+
 func defaultOptions() options {
 	return options{
 		logger:            slog.Default(),
@@ -113,6 +120,7 @@ func defaultOptions() options {
 		waitSlice:         5 * time.Second,
 		subscriberBuffer:  1024,
 		subscriberBytes:   8 << 20,
+		maxResponseBytes:  3 << 20,
 		requeueTimeout:    10 * time.Second,
 		claimRetryBackoff: 100 * time.Millisecond,
 	}
@@ -145,6 +153,7 @@ func New(b *broker.Broker, opts ...Option) *Server {
 func (s *Server) Start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	s.bgCancel = cancel
+	s.hub.open(ctx) // before returning, so a Subscribe right after Start works
 	s.bg.Add(2)
 	go func() { defer s.bg.Done(); s.reapLoop(ctx) }()
 	go func() { defer s.bg.Done(); s.hub.run(ctx) }()
