@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"strconv"
@@ -46,6 +47,7 @@ type consumer struct {
 	inbox   chan []broker.Lease // capacity window: never blocks the dispatcher
 
 	settled chan struct{} // capacity 1: signalled when held leases are forgotten
+	failed  chan error    // capacity 1: the dispatcher cannot serve this stream
 
 	mu     sync.Mutex
 	held   map[string]time.Time // lease id -> deadline, for leases taken for this stream and not settled
@@ -289,8 +291,18 @@ func (d *dispatcher) run() {
 			continue
 		}
 		got, err := d.serve(ctx, cs)
+		if err == nil && !got {
+			// The queue is empty: block in Redis until it is not.
+			_, err = s.b.WaitReady(ctx, d.queue, s.opts.waitSlice)
+		}
 		if err != nil {
 			if ctx.Err() != nil {
+				continue
+			}
+			if errors.Is(err, broker.ErrWrongType) {
+				// Retrying cannot help: end the queue's streams with the
+				// reason.
+				d.failAll(err)
 				continue
 			}
 			s.log.Warn("cannot take messages from queue; retrying", "queue", d.queue, "err", err, "retry_in", backoff)
@@ -302,19 +314,21 @@ func (d *dispatcher) run() {
 			continue
 		}
 		backoff = s.opts.claimRetryBackoff
-		if got {
-			continue
-		}
-		// The queue is empty: block in Redis until it is not.
-		if _, err := s.b.WaitReady(ctx, d.queue, s.opts.waitSlice); err != nil && ctx.Err() == nil {
-			s.log.Warn("waiting on queue failed; retrying", "queue", d.queue, "err", err, "retry_in", backoff)
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
-			}
-			backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+// failAll ends every stream of the queue with err and stops serving them.
+func (d *dispatcher) failAll(err error) {
+	s := d.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range d.consumers {
+		select {
+		case c.failed <- err:
+		default:
 		}
 	}
+	d.consumers = nil
 }
 
 // serve claims messages for the hungry streams while the queue has any. It
@@ -395,6 +409,7 @@ func (s *Server) Consume(req *qbridgev1.ConsumeRequest, stream qbridgev1.QueueSe
 		autoAck: req.GetAutoAck(),
 		inbox:   make(chan []broker.Lease, window),
 		settled: make(chan struct{}, 1),
+		failed:  make(chan error, 1),
 		held:    map[string]time.Time{},
 	}
 	if err := s.attach(c); err != nil {
@@ -451,6 +466,8 @@ func (s *Server) pump(stream qbridgev1.QueueService_ConsumeServer, c *consumer) 
 			s.undispatch(c)
 			_, unsent := c.drainInbox()
 			s.giveBackUnsent(c, unsent)
+		case err := <-c.failed:
+			return err
 		case <-c.settled:
 			// Checked below: a draining stream ends once it holds nothing.
 		case <-s.stopStreams:

@@ -101,6 +101,15 @@ func TestWrongTypeKey(t *testing.T) {
 	if v := plain.Get(ctx, "not-a-list").Val(); v != "precious" {
 		t.Fatalf("the string key was changed to %q", v)
 	}
+	// A consumer is told too, instead of waiting forever.
+	s := consume(t, in.client, &qbridgev1.ConsumeRequest{Queue: "not-a-list"})
+	wantCode(t, s.err(t, 5*time.Second), codes.FailedPrecondition, "not a list")
+	if v := plain.Get(ctx, "not-a-list").Val(); v != "precious" {
+		t.Fatalf("the string key was changed to %q", v)
+	}
+	// Other queues on the same instance are unaffected.
+	enqueueN(t, in.client, "fine", 1)
+	consume(t, in.client, &qbridgev1.ConsumeRequest{Queue: "fine"}).next(t, 5*time.Second)
 }
 
 // Publish reaches plain SUBSCRIBE clients unchanged, and a plain PUBLISH
