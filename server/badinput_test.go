@@ -141,9 +141,12 @@ func TestBadInput(t *testing.T) {
 	}
 	// Nothing was written, and the accepted message is intact and ackable.
 	ctx := ctxT(t, 5*time.Second)
-	if n := in.rdb.DBSize(ctx).Val(); n != 4 {
+	if n := in.rdb.DBSize(ctx).Val(); n != 5 {
 		keys := in.rdb.Keys(ctx, "*").Val()
-		t.Fatalf("Redis holds %d keys %v; want 4 (inflight, leases, seq, registry)", n, keys)
+		t.Fatalf("Redis holds %d keys %v; want 5 (inflight, leases, seq, counters, registry)", n, keys)
+	}
+	if n := in.rdb.HGet(ctx, "{keep}:qb:counters", "enqueued").Val(); n != "1" {
+		t.Fatalf("enqueued counter = %q; the refused calls were counted", n)
 	}
 	if r, f := stats(t, c, "keep"); r != 0 || f != 1 {
 		t.Fatalf("accepted message disturbed: %d ready, %d in flight", r, f)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -37,10 +38,20 @@ import (
 // head of the queue (fenced by lease id, so a delivery that was already
 // settled or reaped is left alone).
 
+// Priorities: a stream may consume several queues in strict priority order.
+// It is attached to the dispatcher of each, and whichever dispatcher serves
+// it fills its credit from its queues in order, highest first, stopping at
+// the dispatcher's own queue (lower ones are their own dispatchers' job,
+// which likewise start from the top). Each claim is atomic on its queue; a
+// per-stream lock keeps two dispatchers from filling one stream at once.
+
+// leaseKey names a lease: lease ids are unique per queue.
+type leaseKey struct{ queue, id string }
+
 // consumer is the state of one Consume stream.
 type consumer struct {
 	id      uint64
-	queue   string
+	queues  []string // priority order, highest first
 	window  int
 	lease   time.Duration
 	autoAck bool
@@ -49,9 +60,11 @@ type consumer struct {
 	settled chan struct{} // capacity 1: signalled when held leases are forgotten
 	failed  chan error    // capacity 1: the dispatcher cannot serve this stream
 
+	fill sync.Mutex // held while a dispatcher claims for this stream
+
 	mu     sync.Mutex
-	held   map[string]time.Time // lease id -> deadline, for leases taken for this stream and not settled
-	unsent int                  // auto-ack: popped, not yet sent
+	held   map[leaseKey]time.Time // deadline of leases taken for this stream and not settled
+	unsent int                    // auto-ack: popped, not yet sent
 	closed bool
 }
 
@@ -83,7 +96,7 @@ func (c *consumer) give(ls []broker.Lease) bool {
 		c.unsent += len(ls)
 	} else {
 		for _, l := range ls {
-			c.held[l.LeaseID] = l.Deadline
+			c.held[leaseKey{l.Queue, l.LeaseID}] = l.Deadline
 		}
 	}
 	select {
@@ -95,12 +108,12 @@ func (c *consumer) give(ls []broker.Lease) bool {
 	}
 }
 
-// settled forgets leases that were acked, nacked or extended elsewhere.
-func (c *consumer) forget(leaseIDs ...string) {
+// forget drops leases that were settled, here or through another instance.
+func (c *consumer) forget(queue string, leaseIDs ...string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, id := range leaseIDs {
-		delete(c.held, id)
+		delete(c.held, leaseKey{queue, id})
 	}
 	select {
 	case c.settled <- struct{}{}:
@@ -108,22 +121,23 @@ func (c *consumer) forget(leaseIDs ...string) {
 	}
 }
 
-func (c *consumer) extend(leaseID string, deadline time.Time) {
+func (c *consumer) extend(queue, leaseID string, deadline time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.held[leaseID]; ok {
-		c.held[leaseID] = deadline
+	k := leaseKey{queue, leaseID}
+	if _, ok := c.held[k]; ok {
+		c.held[k] = deadline
 	}
 }
 
-// expire forgets leases whose deadline passed (the reaper requeues them) and
+// expire forgets leases whose deadline passed (the reaper handles them) and
 // returns the next deadline, or zero.
 func (c *consumer) expire(now time.Time) (next time.Time, n int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for id, d := range c.held {
+	for k, d := range c.held {
 		if !d.After(now) {
-			delete(c.held, id)
+			delete(c.held, k)
 			n++
 		} else if next.IsZero() || d.Before(next) {
 			next = d
@@ -133,13 +147,17 @@ func (c *consumer) expire(now time.Time) (next time.Time, n int) {
 }
 
 // close marks the stream ended and returns what it must give back: lease ids
-// in delivery order, and unsent auto-ack pops.
-func (c *consumer) close() (held []string, unsent []broker.Lease) {
+// per queue in delivery order, and unsent auto-ack pops.
+func (c *consumer) close() (held map[string][]string, unsent []broker.Lease) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.closed = true
-	for id := range c.held {
-		held = append(held, id)
+	held = map[string][]string{}
+	for k := range c.held {
+		held[k.queue] = append(held[k.queue], k.id)
+	}
+	for _, ids := range held {
+		sortLeaseIDs(ids)
 	}
 	c.held = nil
 	for {
@@ -149,8 +167,29 @@ func (c *consumer) close() (held []string, unsent []broker.Lease) {
 				unsent = append(unsent, ls...)
 			}
 		default:
-			sortLeaseIDs(held)
 			return held, unsent
+		}
+	}
+}
+
+// drainInbox takes back batches not yet sent, for a stream that stays open
+// while the server drains.
+func (c *consumer) drainInbox() (unsent []broker.Lease) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		select {
+		case ls := <-c.inbox:
+			if c.autoAck {
+				c.unsent -= len(ls)
+			} else {
+				for _, l := range ls {
+					delete(c.held, leaseKey{l.Queue, l.LeaseID})
+				}
+			}
+			unsent = append(unsent, ls...)
+		default:
+			return unsent
 		}
 	}
 }
@@ -183,7 +222,8 @@ func (d *dispatcher) poke() {
 	}
 }
 
-// attach registers c, starting the queue's dispatcher if needed.
+// attach registers c with the dispatcher of each of its queues, starting
+// them as needed.
 func (s *Server) attach(c *consumer) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -191,18 +231,20 @@ func (s *Server) attach(c *consumer) error {
 		return errShuttingDown
 	}
 	s.consumers[c.id] = c
-	d := s.dispatchers[c.queue]
-	if d == nil {
-		d = &dispatcher{s: s, queue: c.queue, kick: make(chan struct{}, 1)}
-		s.dispatchers[c.queue] = d
-		go d.run()
+	for _, q := range c.queues {
+		d := s.dispatchers[q]
+		if d == nil {
+			d = &dispatcher{s: s, queue: q, kick: make(chan struct{}, 1)}
+			s.dispatchers[q] = d
+			go d.run()
+		}
+		d.consumers = append(d.consumers, c)
+		d.poke()
 	}
-	d.consumers = append(d.consumers, c)
-	d.poke()
 	return nil
 }
 
-// detach unregisters c; the dispatcher exits when its last stream is gone.
+// detach unregisters c; a dispatcher exits when its last stream is gone.
 func (s *Server) detach(c *consumer) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -219,17 +261,19 @@ func (s *Server) undispatch(c *consumer) {
 }
 
 func (s *Server) undispatchLocked(c *consumer) {
-	d := s.dispatchers[c.queue]
-	if d == nil {
-		return
-	}
-	for i, x := range d.consumers {
-		if x == c {
-			d.consumers = append(d.consumers[:i], d.consumers[i+1:]...)
-			break
+	for _, q := range c.queues {
+		d := s.dispatchers[q]
+		if d == nil {
+			continue
 		}
+		for i, x := range d.consumers {
+			if x == c {
+				d.consumers = append(d.consumers[:i], d.consumers[i+1:]...)
+				break
+			}
+		}
+		d.poke()
 	}
-	d.poke()
 }
 
 func (s *Server) kickQueue(q string) {
@@ -263,6 +307,10 @@ func (d *dispatcher) hungry() (cs []*consumer, ok bool) {
 	return cs, true
 }
 
+// pausedRecheck is how often a paused queue's dispatcher looks again
+// (besides being woken when the queue is resumed).
+const pausedRecheck = time.Second
+
 func (d *dispatcher) run() {
 	s := d.s
 	ctx, cancel := context.WithCancel(context.Background())
@@ -274,9 +322,7 @@ func (d *dispatcher) run() {
 		case <-ctx.Done():
 		}
 	}()
-	if err := s.b.RegisterQueue(ctx, d.queue); err != nil {
-		s.log.Warn("cannot register queue for lease reaping", "queue", d.queue, "err", err)
-	}
+	s.registerQueue(ctx, d.queue)
 	backoff := s.opts.claimRetryBackoff
 	for {
 		cs, ok := d.hungry()
@@ -290,7 +336,15 @@ func (d *dispatcher) run() {
 			}
 			continue
 		}
-		got, err := d.serve(ctx, cs)
+		got, paused, err := d.serve(ctx, cs)
+		if err == nil && paused {
+			select {
+			case <-d.kick:
+			case <-time.After(pausedRecheck):
+			case <-ctx.Done():
+			}
+			continue
+		}
 		if err == nil && !got {
 			// The queue is empty: block in Redis until it is not.
 			_, err = s.b.WaitReady(ctx, d.queue, s.opts.waitSlice)
@@ -331,64 +385,104 @@ func (d *dispatcher) failAll(err error) {
 	d.consumers = nil
 }
 
-// serve claims messages for the hungry streams while the queue has any. It
-// reports whether anything was taken.
-func (d *dispatcher) serve(ctx context.Context, cs []*consumer) (bool, error) {
-	s := d.s
-	got := false
+// serve fills the hungry streams while the queue has messages. It reports
+// whether anything was taken, and whether the queue is paused.
+func (d *dispatcher) serve(ctx context.Context, cs []*consumer) (got, paused bool, err error) {
 	for _, c := range cs {
-		n := c.credit()
-		if n <= 0 {
-			continue
-		}
-		var ls []broker.Lease
-		var remaining int64
-		var err error
-		if c.autoAck {
-			ls, remaining, err = s.b.Pop(ctx, d.queue, n)
-		} else {
-			ls, remaining, err = s.b.Claim(ctx, d.queue, n, c.lease)
-		}
-		if err != nil {
-			return got, err
-		}
-		if len(ls) > 0 {
-			got = true
-			if !c.give(ls) {
-				d.giveBack(c, ls)
-			}
+		g, remaining, p, err := d.fillFor(ctx, c)
+		got = got || g
+		if err != nil || p {
+			return got, p, err
 		}
 		if remaining == 0 {
 			break
 		}
 	}
-	return got, nil
+	return got, false, nil
 }
 
-// giveBack returns messages taken for a stream that ended meanwhile.
-func (d *dispatcher) giveBack(c *consumer, ls []broker.Lease) {
+// fillFor takes messages for c from its queues in priority order, down to
+// this dispatcher's queue. remaining is what is left in this dispatcher's
+// queue (-1: not looked at); paused is true when that queue is paused.
+func (d *dispatcher) fillFor(ctx context.Context, c *consumer) (got bool, remaining int64, paused bool, err error) {
 	s := d.s
-	ctx, cancel := context.WithTimeout(context.Background(), s.opts.requeueTimeout)
-	defer cancel()
-	if c.autoAck {
-		if err := s.b.PushBack(ctx, d.queue, ls); err != nil {
-			s.log.Error("LOST auto-ack messages: cannot push them back", "queue", d.queue, "count", len(ls), "err", err)
+	c.fill.Lock()
+	defer c.fill.Unlock()
+	remaining = -1
+	for _, q := range c.queues {
+		n := c.credit()
+		if n <= 0 {
+			return got, remaining, false, nil
 		}
+		var ls []broker.Lease
+		var rem int64
+		if c.autoAck {
+			ls, rem, err = s.b.Pop(ctx, q, n)
+		} else {
+			ls, rem, err = s.b.Claim(ctx, q, n, c.lease)
+		}
+		switch {
+		case errors.Is(err, broker.ErrPaused):
+			if q == d.queue {
+				return got, 0, true, nil
+			}
+			continue // a paused higher-priority queue is skipped
+		case err != nil:
+			return got, remaining, false, err
+		}
+		if len(ls) > 0 {
+			got = true
+			if !c.give(ls) {
+				s.giveBack(c, ls)
+			}
+		}
+		if q == d.queue {
+			return got, rem, false, nil
+		}
+	}
+	return got, remaining, false, nil
+}
+
+// giveBack returns messages taken for a stream that cannot send them (it
+// ended, or the server drains): auto-ack pops go back to the head unchanged,
+// leases are requeued.
+func (s *Server) giveBack(c *consumer, ls []broker.Lease) {
+	if len(ls) == 0 {
 		return
 	}
-	ids := make([]string, len(ls))
-	for i, l := range ls {
-		ids[i] = l.LeaseID
+	ctx, cancel := context.WithTimeout(context.Background(), s.opts.requeueTimeout)
+	defer cancel()
+	byQueue := map[string][]broker.Lease{}
+	var order []string
+	for _, l := range ls {
+		if _, ok := byQueue[l.Queue]; !ok {
+			order = append(order, l.Queue)
+		}
+		byQueue[l.Queue] = append(byQueue[l.Queue], l)
 	}
-	if _, err := s.b.Requeue(ctx, d.queue, ids); err != nil {
-		s.log.Warn("cannot requeue; the lease reaper will", "queue", d.queue, "count", len(ids), "err", err)
+	for _, q := range order {
+		qls := byQueue[q]
+		if c.autoAck {
+			if err := s.b.PushBack(ctx, q, qls); err != nil {
+				s.log.Error("LOST auto-ack messages: cannot push them back", "queue", q, "count", len(qls), "err", err)
+			}
+			continue
+		}
+		ids := make([]string, len(qls))
+		for i, l := range qls {
+			ids[i] = l.LeaseID
+		}
+		if _, err := s.b.Requeue(ctx, q, ids); err != nil {
+			s.log.Warn("cannot requeue; the lease reaper will", "queue", q, "count", len(ids), "err", err)
+		}
 	}
 }
 
 // Consume implements QueueService.Consume.
 func (s *Server) Consume(req *qbridgev1.ConsumeRequest, stream qbridgev1.QueueService_ConsumeServer) error {
-	if err := ValidateName("queue", req.GetQueue()); err != nil {
-		return toStatus(invalidError{err})
+	queues, err := consumeQueues(req)
+	if err != nil {
+		return toStatus(err)
 	}
 	window := int(req.GetMaxInFlight())
 	if window == 0 {
@@ -403,20 +497,48 @@ func (s *Server) Consume(req *qbridgev1.ConsumeRequest, stream qbridgev1.QueueSe
 	}
 	c := &consumer{
 		id:      s.nextID.Add(1),
-		queue:   req.GetQueue(),
+		queues:  queues,
 		window:  window,
 		lease:   lease,
 		autoAck: req.GetAutoAck(),
 		inbox:   make(chan []broker.Lease, window),
 		settled: make(chan struct{}, 1),
 		failed:  make(chan error, 1),
-		held:    map[string]time.Time{},
+		held:    map[leaseKey]time.Time{},
 	}
 	if err := s.attach(c); err != nil {
 		return toStatus(err)
 	}
 	defer s.release(c)
 	return toStatus(s.pump(stream, c))
+}
+
+// consumeQueues validates the queue or queues a Consume names.
+func consumeQueues(req *qbridgev1.ConsumeRequest) ([]string, error) {
+	queues := req.GetQueues()
+	if len(queues) > 0 && req.GetQueue() != "" {
+		return nil, invalidf("give queue or queues, not both")
+	}
+	if len(queues) == 0 {
+		queues = []string{req.GetQueue()}
+	}
+	if len(queues) > maxQueues {
+		return nil, invalidf("%d queues; the limit is %d per stream", len(queues), maxQueues)
+	}
+	seen := map[string]bool{}
+	for i, q := range queues {
+		if err := ValidateName("queue", q); err != nil {
+			if len(queues) > 1 {
+				return nil, invalidf("queues[%d]: %v", i, err)
+			}
+			return nil, invalidError{err}
+		}
+		if seen[q] {
+			return nil, invalidf("queue %q is listed twice", q)
+		}
+		seen[q] = true
+	}
+	return queues, nil
 }
 
 // pump sends the stream's deliveries until the stream ends.
@@ -426,6 +548,11 @@ func (s *Server) pump(stream qbridgev1.QueueService_ConsumeServer, c *consumer) 
 	expiry.Stop()
 	armed := false
 	draining := s.draining
+	kick := func() {
+		for _, q := range c.queues {
+			s.kickQueue(q)
+		}
+	}
 	for {
 		select {
 		case ls := <-c.inbox:
@@ -444,7 +571,7 @@ func (s *Server) pump(stream qbridgev1.QueueService_ConsumeServer, c *consumer) 
 				c.mu.Lock()
 				c.unsent -= len(ls)
 				c.mu.Unlock()
-				s.kickQueue(c.queue)
+				kick()
 			} else if !armed {
 				expiry.Reset(time.Until(ls[0].Deadline) + 10*time.Millisecond)
 				armed = true
@@ -453,7 +580,7 @@ func (s *Server) pump(stream qbridgev1.QueueService_ConsumeServer, c *consumer) 
 			armed = false
 			next, n := c.expire(time.Now())
 			if n > 0 {
-				s.kickQueue(c.queue)
+				kick()
 			}
 			if !next.IsZero() {
 				expiry.Reset(time.Until(next) + 10*time.Millisecond)
@@ -464,8 +591,9 @@ func (s *Server) pump(stream qbridgev1.QueueService_ConsumeServer, c *consumer) 
 			// and end once nothing is held (or at stopStreams).
 			draining = nil
 			s.undispatch(c)
-			_, unsent := c.drainInbox()
-			s.giveBackUnsent(c, unsent)
+			c.fill.Lock() // wait for a fill in progress to land in the inbox
+			c.fill.Unlock()
+			s.giveBack(c, c.drainInbox())
 		case err := <-c.failed:
 			return err
 		case <-c.settled:
@@ -481,63 +609,22 @@ func (s *Server) pump(stream qbridgev1.QueueService_ConsumeServer, c *consumer) 
 	}
 }
 
-// drainInbox takes back batches not yet sent, for a stream that stays open
-// while the server drains.
-func (c *consumer) drainInbox() (ids []string, unsent []broker.Lease) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for {
-		select {
-		case ls := <-c.inbox:
-			if c.autoAck {
-				c.unsent -= len(ls)
-				unsent = append(unsent, ls...)
-				continue
-			}
-			for _, l := range ls {
-				delete(c.held, l.LeaseID)
-				ids = append(ids, l.LeaseID)
-			}
-			unsent = append(unsent, ls...)
-		default:
-			return ids, unsent
-		}
-	}
-}
-
-func (s *Server) giveBackUnsent(c *consumer, ls []broker.Lease) {
-	if len(ls) == 0 {
-		return
-	}
-	d := &dispatcher{s: s, queue: c.queue}
-	d.giveBack(c, ls)
-}
-
-// release ends a stream: everything it holds goes back to the queue now.
+// release ends a stream: everything it holds goes back to its queue now.
 func (s *Server) release(c *consumer) {
 	s.detach(c)
+	c.fill.Lock() // a fill in progress sees the stream closed and gives back itself
 	held, unsent := c.close()
+	c.fill.Unlock()
+	s.giveBack(c, unsent)
 	ctx, cancel := context.WithTimeout(context.Background(), s.opts.requeueTimeout)
 	defer cancel()
-	if len(unsent) > 0 {
-		if err := s.b.PushBack(ctx, c.queue, unsent); err != nil {
-			s.log.Error("LOST auto-ack messages: cannot push them back", "queue", c.queue, "count", len(unsent), "err", err)
+	for q, ids := range held {
+		if _, err := s.b.Requeue(ctx, q, ids); err != nil {
+			s.log.Warn("cannot requeue the messages of an ended stream; the lease reaper will after their lease", "queue", q, "count", len(ids), "err", err)
+			continue
 		}
-	}
-	if len(held) > 0 {
-		ok, err := s.b.Requeue(ctx, c.queue, held)
-		if err != nil {
-			s.log.Warn("cannot requeue the messages of an ended stream; the lease reaper will after their lease", "queue", c.queue, "count", len(held), "err", err)
-			return
-		}
-		n := 0
-		for _, v := range ok {
-			if v {
-				n++
-			}
-		}
-		s.log.Debug("stream ended; requeued its unacked messages", "queue", c.queue, "requeued", n)
-		s.kickQueue(c.queue)
+		s.log.Debug("stream ended; requeued its unacked messages", "queue", q, "count", len(ids))
+		s.kickQueue(q)
 	}
 }
 
@@ -574,10 +661,11 @@ func (s *Server) deliveries(c *consumer, ls []broker.Lease) []*qbridgev1.Deliver
 			Headers:     m.Headers,
 			EnqueueTime: timestamppb.New(time.UnixMilli(m.EnqueuedAt)),
 			Attempt:     m.Deliveries,
-			Queue:       c.queue,
+			Queue:       l.Queue,
+			LastError:   m.LastError,
 		}
 		if !c.autoAck {
-			d.AckToken = ackToken{Queue: c.queue, LeaseID: l.LeaseID, Instance: s.instance, Consumer: c.id}.String()
+			d.AckToken = ackToken{Queue: l.Queue, LeaseID: l.LeaseID, Instance: s.instance, Consumer: c.id}.String()
 			d.LeaseDeadline = ts(l.Deadline)
 		}
 		out[i] = d
@@ -641,7 +729,7 @@ func (s *Server) settleLocal(ctx context.Context, ts []ackToken, ok []bool, sett
 
 func (s *Server) forgetLocked(consumerID uint64, queue, leaseID string) {
 	if c := s.consumers[consumerID]; c != nil {
-		c.forget(leaseID)
+		c.forget(queue, leaseID)
 	}
 	if d := s.dispatchers[queue]; d != nil {
 		d.poke()
@@ -712,7 +800,7 @@ func (s *Server) applyTokens(ctx context.Context, verb string, settles bool, tok
 
 // Ack implements QueueService.Ack.
 func (s *Server) Ack(ctx context.Context, req *qbridgev1.AckRequest) (*qbridgev1.AckResponse, error) {
-	n, err := s.applyTokens(ctx, "acknowledged", true, req.GetAckTokens(), s.b.Settle)
+	n, err := s.applyTokens(ctx, "acknowledged", true, req.GetAckTokens(), s.b.Ack)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -721,14 +809,43 @@ func (s *Server) Ack(ctx context.Context, req *qbridgev1.AckRequest) (*qbridgev1
 
 // Nack implements QueueService.Nack.
 func (s *Server) Nack(ctx context.Context, req *qbridgev1.NackRequest) (*qbridgev1.NackResponse, error) {
-	op := s.b.Requeue
+	if len(req.GetError()) > maxErrorText {
+		return nil, toStatus(invalidf("error is %d bytes; the limit is %d", len(req.GetError()), maxErrorText))
+	}
+	delay := time.Duration(-1)
+	if req.GetRetryDelay() != nil {
+		d, err := durationIn("retry_delay", req.GetRetryDelay(), 0, maxDelay)
+		if err != nil {
+			return nil, toStatus(invalidError{err})
+		}
+		delay = d
+	}
+	var action broker.NackAction
 	verb := "requeued"
 	switch req.GetAction() {
 	case qbridgev1.NackAction_NACK_ACTION_UNSPECIFIED, qbridgev1.NackAction_NACK_ACTION_REQUEUE:
+		action = broker.NackRequeue
+	case qbridgev1.NackAction_NACK_ACTION_RETRY:
+		action, verb = broker.NackRetry, "retried"
+	case qbridgev1.NackAction_NACK_ACTION_DEAD_LETTER:
+		action, verb = broker.NackDeadLetter, "dead-lettered"
 	case qbridgev1.NackAction_NACK_ACTION_DROP:
-		op, verb = s.b.Settle, "dropped"
+		verb = "dropped"
 	default:
-		return nil, toStatus(invalidf("unknown action %d; use NACK_ACTION_REQUEUE or NACK_ACTION_DROP", req.GetAction()))
+		return nil, toStatus(invalidf("unknown action %d; use NACK_ACTION_REQUEUE, _RETRY, _DEAD_LETTER or _DROP", req.GetAction()))
+	}
+	if delay >= 0 && action != broker.NackRequeue && action != broker.NackRetry {
+		return nil, toStatus(invalidf("retry_delay goes with NACK_ACTION_REQUEUE or NACK_ACTION_RETRY"))
+	}
+	op := func(ctx context.Context, q string, ids []string) ([]bool, error) {
+		if action == "" {
+			return s.b.Drop(ctx, q, ids)
+		}
+		ok, due, err := s.b.Nack(ctx, q, ids, action, delay, req.GetError())
+		if err == nil && !due.IsZero() {
+			s.noteDue(ctx, q, due)
+		}
+		return ok, err
 	}
 	n, err := s.applyTokens(ctx, verb, true, req.GetAckTokens(), op)
 	if err != nil {
@@ -764,7 +881,7 @@ func (s *Server) extendLocal(queue string, ids []string, ok []bool, deadline tim
 	s.mu.Lock()
 	cs := make([]*consumer, 0, len(s.consumers))
 	for _, c := range s.consumers {
-		if c.queue == queue {
+		if slices.Contains(c.queues, queue) {
 			cs = append(cs, c)
 		}
 	}
@@ -774,7 +891,7 @@ func (s *Server) extendLocal(queue string, ids []string, ok []bool, deadline tim
 			continue
 		}
 		for _, c := range cs {
-			c.extend(id, deadline)
+			c.extend(queue, id, deadline)
 		}
 	}
 }

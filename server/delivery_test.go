@@ -147,16 +147,21 @@ func TestInvariantAlwaysReadyOrInFlight(t *testing.T) {
 			}
 		}()
 	}
-	snap := `return {redis.call('LLEN', KEYS[1]), redis.call('HLEN', KEYS[2])}`
+	// Every place a message can be: ready, in flight, delayed, dead (the
+	// churn exhausts max attempts, so some end up dead).
+	snap := `return {redis.call('LLEN', KEYS[1]), redis.call('HLEN', KEYS[2]), redis.call('HLEN', KEYS[3]), redis.call('HLEN', KEYS[4])}`
+	keys := []string{"atomic", "{atomic}:qb:inflight", "{atomic}:qb:scheduled", "{atomic}:qb:dead"}
 	samples := 0
+	var last []int64
 	for ctx.Err() == nil {
-		v, err := a.rdb.Eval(context.Background(), snap, []string{"atomic", "{atomic}:qb:inflight"}).Int64Slice()
+		v, err := a.rdb.Eval(context.Background(), snap, keys).Int64Slice()
 		if err != nil {
 			t.Fatal(err)
 		}
-		if v[0]+v[1] != n {
-			t.Fatalf("sample %d: %d ready + %d in flight = %d; want %d", samples, v[0], v[1], v[0]+v[1], n)
+		if v[0]+v[1]+v[2]+v[3] != n {
+			t.Fatalf("sample %d: %d ready + %d in flight + %d delayed + %d dead; want %d in all", samples, v[0], v[1], v[2], v[3], n)
 		}
+		last = v
 		samples++
 	}
 	cancel()
@@ -164,11 +169,11 @@ func TestInvariantAlwaysReadyOrInFlight(t *testing.T) {
 	if moves.Load() < 100 {
 		t.Fatalf("only %d moves happened; the test did not exercise anything", moves.Load())
 	}
-	eventually(t, 5*time.Second, "all messages ready after every stream ended", func() bool {
-		r, f := stats(t, a.client, "atomic")
-		return r == n && f == 0
+	eventually(t, 5*time.Second, "nothing in flight after every stream ended", func() bool {
+		v, err := a.rdb.Eval(context.Background(), snap, keys).Int64Slice()
+		return err == nil && v[1] == 0 && v[0]+v[2]+v[3] == n
 	})
-	t.Logf("%d samples, %d requeues", samples, moves.Load())
+	t.Logf("%d samples, %d requeues, last sample %v", samples, moves.Load(), last)
 }
 
 // Invariant 2 and competing consumers: 8 consumers on two instances share

@@ -7,11 +7,15 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
+	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
@@ -32,7 +36,10 @@ type Server struct {
 	consumers   map[uint64]*consumer
 	nextID      atomic.Uint64
 
-	hub *hub
+	hub      *hub
+	promoter *promoter
+	rates    *rateSampler
+	known    sync.Map // queues registered in Redis by this process
 
 	draining    chan struct{} // closed: refuse new work, stop claiming
 	stopStreams chan struct{} // closed: end every stream now
@@ -146,6 +153,8 @@ func New(b *broker.Broker, opts ...Option) *Server {
 		stopStreams: make(chan struct{}),
 	}
 	s.hub = newHub(s)
+	s.promoter = newPromoter(s)
+	s.rates = newRateSampler(s)
 	return s
 }
 
@@ -154,9 +163,11 @@ func (s *Server) Start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	s.bgCancel = cancel
 	s.hub.open(ctx) // before returning, so a Subscribe right after Start works
-	s.bg.Add(2)
+	s.bg.Add(4)
 	go func() { defer s.bg.Done(); s.reapLoop(ctx) }()
 	go func() { defer s.bg.Done(); s.hub.run(ctx) }()
+	go func() { defer s.bg.Done(); s.promoter.run(ctx) }()
+	go func() { defer s.bg.Done(); s.rates.run(ctx) }()
 }
 
 // Drain begins a graceful shutdown: new Enqueue, Publish, Consume and
@@ -222,11 +233,15 @@ func (s *Server) Ping(ctx context.Context) error { return s.b.Ping(ctx) }
 
 // Enqueue implements QueueService.Enqueue.
 func (s *Server) Enqueue(ctx context.Context, req *qbridgev1.EnqueueRequest) (*qbridgev1.EnqueueResponse, error) {
-	ids, err := s.enqueue(ctx, req.GetQueue(), []*qbridgev1.BatchMessage{{Payload: req.GetPayload(), Headers: req.GetHeaders(), Id: req.GetId()}})
+	res, err := s.enqueue(ctx, req.GetQueue(), req.GetWaitForRoom(), []*qbridgev1.BatchMessage{{
+		Payload: req.GetPayload(), Headers: req.GetHeaders(), Id: req.GetId(),
+		Delay: req.GetDelay(), DeliverAt: req.GetDeliverAt(), DedupKey: req.GetDedupKey(),
+		Ttl: req.GetTtl(), RetryPolicy: req.GetRetryPolicy(),
+	}})
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	return &qbridgev1.EnqueueResponse{Id: ids[0]}, nil
+	return &qbridgev1.EnqueueResponse{Id: res.IDs[0], Duplicate: res.Duplicate[0]}, nil
 }
 
 // EnqueueBatch implements QueueService.EnqueueBatch.
@@ -237,19 +252,20 @@ func (s *Server) EnqueueBatch(ctx context.Context, req *qbridgev1.EnqueueBatchRe
 	if len(req.GetMessages()) > s.opts.maxBatch {
 		return nil, toStatus(invalidf("%d messages in one batch; the limit is %d", len(req.GetMessages()), s.opts.maxBatch))
 	}
-	ids, err := s.enqueue(ctx, req.GetQueue(), req.GetMessages())
+	res, err := s.enqueue(ctx, req.GetQueue(), req.GetWaitForRoom(), req.GetMessages())
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	return &qbridgev1.EnqueueBatchResponse{Ids: ids}, nil
+	return &qbridgev1.EnqueueBatchResponse{Ids: res.IDs, Duplicate: res.Duplicate}, nil
 }
 
-func (s *Server) enqueue(ctx context.Context, queue string, msgs []*qbridgev1.BatchMessage) ([]string, error) {
+func (s *Server) enqueue(ctx context.Context, queue string, waitForRoom bool, msgs []*qbridgev1.BatchMessage) (broker.EnqueueResult, error) {
+	var res broker.EnqueueResult
 	if err := ValidateName("queue", queue); err != nil {
-		return nil, invalidError{err}
+		return res, invalidError{err}
 	}
 	if s.isDraining() {
-		return nil, errShuttingDown
+		return res, errShuttingDown
 	}
 	raw := s.b.IsRaw(queue)
 	out := make([]broker.NewMessage, len(msgs))
@@ -258,21 +274,95 @@ func (s *Server) enqueue(ctx context.Context, queue string, msgs []*qbridgev1.Ba
 		if len(msgs) > 1 {
 			where = "messages[" + itoa(i) + "]: "
 		}
-		if len(m.GetPayload()) > s.opts.maxPayload {
-			return nil, invalidf("%spayload is %d bytes; the limit is %d (qbridged --max-payload-bytes)", where, len(m.GetPayload()), s.opts.maxPayload)
+		nm, err := s.newMessage(m, raw, queue)
+		if err != nil {
+			return res, invalidf("%s%v", where, err)
 		}
-		if err := validateID(m.GetId()); err != nil {
-			return nil, invalidf("%s%v", where, err)
-		}
-		if err := validateHeaders(m.GetHeaders()); err != nil {
-			return nil, invalidf("%s%v", where, err)
-		}
-		if raw && len(m.GetHeaders()) > 0 {
-			return nil, invalidf("%squeue %q is in raw mode (plain Redis consumers read it), which cannot store headers", where, queue)
-		}
-		out[i] = broker.NewMessage{ID: m.GetId(), Headers: m.GetHeaders(), Payload: m.GetPayload()}
+		out[i] = nm
 	}
-	return s.b.EnqueueMany(ctx, queue, out)
+	s.registerQueue(ctx, queue)
+	backoff := 5 * time.Millisecond
+	for {
+		var err error
+		res, err = s.b.EnqueueMany(ctx, queue, out)
+		var full *broker.QueueFullError
+		if !errors.As(err, &full) || !waitForRoom {
+			if err == nil && !res.FirstDue.IsZero() {
+				s.noteDue(ctx, queue, res.FirstDue)
+			}
+			return res, err
+		}
+		// Wait for room: consumers taking messages make some. Retry with
+		// a capped backoff until the call's deadline.
+		select {
+		case <-ctx.Done():
+			return res, fmt.Errorf("%w; waited for room until the call's deadline", err)
+		case <-s.draining:
+			return res, errShuttingDown
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 100*time.Millisecond)
+	}
+}
+
+// newMessage validates one message of an Enqueue and converts it.
+func (s *Server) newMessage(m *qbridgev1.BatchMessage, raw bool, queue string) (broker.NewMessage, error) {
+	var nm broker.NewMessage
+	if len(m.GetPayload()) > s.opts.maxPayload {
+		return nm, fmt.Errorf("payload is %d bytes; the limit is %d (qbridged --max-payload-bytes)", len(m.GetPayload()), s.opts.maxPayload)
+	}
+	if err := validateID(m.GetId()); err != nil {
+		return nm, err
+	}
+	if err := validateHeaders(m.GetHeaders()); err != nil {
+		return nm, err
+	}
+	if raw && len(m.GetHeaders()) > 0 {
+		return nm, fmt.Errorf("queue %q is in raw mode (plain Redis consumers read it), which cannot store headers", queue)
+	}
+	if k := m.GetDedupKey(); k != "" {
+		if err := validateID(k); err != nil {
+			return nm, fmt.Errorf("dedup_key: %v", strings.Replace(err.Error(), "message id", "key", 1))
+		}
+	}
+	delay, err := durationIn("delay", m.GetDelay(), 0, maxDelay)
+	if err != nil {
+		return nm, err
+	}
+	if m.GetDeliverAt() != nil {
+		if m.GetDelay() != nil {
+			return nm, fmt.Errorf("give delay or deliver_at, not both")
+		}
+		if err := m.GetDeliverAt().CheckValid(); err != nil {
+			return nm, fmt.Errorf("deliver_at: %v", err)
+		}
+		at := m.GetDeliverAt().AsTime()
+		if time.Until(at) > maxDelay {
+			return nm, fmt.Errorf("deliver_at %s is more than %v away", at.Format(time.RFC3339), maxDelay)
+		}
+		nm.DeliverAt = at
+	}
+	ttl, err := durationIn("ttl", m.GetTtl(), time.Millisecond, maxDelay)
+	if err != nil {
+		return nm, err
+	}
+	rp, err := retryPolicy(m.GetRetryPolicy())
+	if err != nil {
+		return nm, err
+	}
+	nm.ID, nm.Headers, nm.Payload, nm.Delay, nm.TTL, nm.DedupKey = m.GetId(), m.GetHeaders(), m.GetPayload(), delay, ttl, m.GetDedupKey()
+	nm.MaxAttempts, nm.BackoffMin, nm.BackoffMax = rp.MaxAttempts, rp.BackoffMin, rp.BackoffMax
+	return nm, nil
+}
+
+// registerQueue records a queue in the known set once per process.
+func (s *Server) registerQueue(ctx context.Context, queue string) {
+	if _, seen := s.known.Load(queue); seen {
+		return
+	}
+	if err := s.b.RegisterQueue(ctx, queue); err == nil {
+		s.known.Store(queue, struct{}{})
+	}
 }
 
 // Publish implements QueueService.Publish.
@@ -302,7 +392,19 @@ func (s *Server) GetQueueStats(ctx context.Context, req *qbridgev1.GetQueueStats
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	return &qbridgev1.GetQueueStatsResponse{Queue: req.GetQueue(), Ready: st.Ready, InFlight: st.InFlight}, nil
+	c := st.Counters
+	resp := &qbridgev1.GetQueueStatsResponse{
+		Queue: req.GetQueue(), Ready: st.Ready, InFlight: st.InFlight, Delayed: st.Delayed, Dead: st.Dead, Paused: st.Paused,
+		Counters: &qbridgev1.QueueCounters{
+			Enqueued: c.Enqueued, Acked: c.Acked, Nacked: c.Nacked,
+			LeaseExpired: c.LeaseExpired, DeadLettered: c.DeadLettered, Expired: c.Expired,
+		},
+	}
+	if !st.OldestEnqueuedAt.IsZero() {
+		resp.OldestReadyAge = durationpb.New(max(0, time.Since(st.OldestEnqueuedAt)))
+	}
+	resp.EnqueueRate, resp.AckRate = s.rates.rates(req.GetQueue(), c)
+	return resp, nil
 }
 
 // reapLoop requeues messages whose lease expired, for every queue that has

@@ -40,9 +40,18 @@ func toStatus(err error) error {
 	}
 	var inv invalidError
 	var stale staleError
+	var full *broker.QueueFullError
+	var busy *broker.InFlightError
+	var nf notFoundError
 	switch {
 	case errors.As(err, &inv):
 		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.As(err, &nf):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.As(err, &full):
+		return status.Error(codes.ResourceExhausted, err.Error()+"; retry later, or set wait_for_room to wait for consumers to make room")
+	case errors.As(err, &busy):
+		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.As(err, &stale):
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, errShuttingDown):
@@ -62,4 +71,11 @@ func toStatus(err error) error {
 // wrapUnavailable marks a Redis connection failure outside the broker.
 func wrapUnavailable(err error) error {
 	return fmt.Errorf("%w: %v", broker.ErrUnavailable, err)
+}
+
+// notFoundError means an admin call named a queue qbridge does not know.
+type notFoundError struct{ queue string }
+
+func (e notFoundError) Error() string {
+	return fmt.Sprintf("queue %q not found: it was never enqueued to or consumed through qbridge, and no Redis list of that name exists", e.queue)
 }

@@ -5,6 +5,9 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
+	"github.com/qbridge/qbridge/server/broker"
 )
 
 // Name rules, in one place.
@@ -22,6 +25,10 @@ const (
 	maxHeaderSize = 64 << 10
 	maxTokens     = 1000
 	maxSubscribe  = 256
+	maxErrorText  = 4 << 10
+	maxAttempts   = 1000
+	maxQueues     = 16
+	maxDelay      = 365 * 24 * time.Hour
 )
 
 func nameChar(c byte) bool {
@@ -141,4 +148,46 @@ func leaseFrom(d *durationpb.Duration, def, min, max time.Duration) (time.Durati
 		return 0, fmt.Errorf("lease_duration %v is out of range; use %v to %v (or leave it unset for %v)", v, min, max, def)
 	}
 	return v, nil
+}
+
+// durationIn converts an optional Duration, which must lie in [min, max]
+// when set (0 counts as unset).
+func durationIn(field string, d *durationpb.Duration, min, max time.Duration) (time.Duration, error) {
+	if d == nil {
+		return 0, nil
+	}
+	if err := d.CheckValid(); err != nil {
+		return 0, fmt.Errorf("%s: %v", field, err)
+	}
+	v := d.AsDuration()
+	if v == 0 {
+		return 0, nil
+	}
+	if v < min || v > max {
+		return 0, fmt.Errorf("%s %v is out of range; use %v to %v", field, v, min, max)
+	}
+	return v, nil
+}
+
+// retryPolicy validates a RetryPolicy; zero fields stay zero ("inherit").
+func retryPolicy(p *qbridgev1.RetryPolicy) (broker.Policy, error) {
+	var out broker.Policy
+	if p == nil {
+		return out, nil
+	}
+	if p.GetMaxAttempts() > maxAttempts {
+		return out, fmt.Errorf("retry_policy.max_attempts %d is above the limit %d", p.GetMaxAttempts(), maxAttempts)
+	}
+	out.MaxAttempts = int(p.GetMaxAttempts())
+	var err error
+	if out.BackoffMin, err = durationIn("retry_policy.min_backoff", p.GetMinBackoff(), time.Millisecond, 24*time.Hour); err != nil {
+		return out, err
+	}
+	if out.BackoffMax, err = durationIn("retry_policy.max_backoff", p.GetMaxBackoff(), time.Millisecond, 7*24*time.Hour); err != nil {
+		return out, err
+	}
+	if out.BackoffMin > 0 && out.BackoffMax > 0 && out.BackoffMin > out.BackoffMax {
+		return out, fmt.Errorf("retry_policy.min_backoff %v is above max_backoff %v", out.BackoffMin, out.BackoffMax)
+	}
+	return out, nil
 }

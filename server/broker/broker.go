@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"time"
 
 	"github.com/google/uuid"
@@ -16,7 +17,30 @@ type Broker struct {
 	blocking redis.UniversalClient
 	keys     Keys
 	isRaw    func(queue string) bool
+	defaults Policy
 }
+
+// Policy is a queue policy. As server defaults every field is used; in a
+// queue's stored config, zero fields mean "the server default".
+type Policy struct {
+	// MaxAttempts is how many deliveries a message gets before it is
+	// dead-lettered. Default 25.
+	MaxAttempts int
+	// BackoffMin and BackoffMax bound the retry backoff: retry n waits a
+	// random time in [10%, 100%] of min(BackoffMax, BackoffMin*2^(n-1)).
+	// Defaults 1s and 10m.
+	BackoffMin, BackoffMax time.Duration
+	// MaxLength caps ready + delayed messages; 0 means no limit. Default 0.
+	MaxLength int64
+	// ExpiredDeadLetter dead-letters messages whose ttl passed instead of
+	// dropping them. Default false.
+	ExpiredDeadLetter bool
+	// DedupWindow is how long a dedup key is remembered. Default 10m.
+	DedupWindow time.Duration
+}
+
+// DefaultPolicy is the policy a server uses unless configured otherwise.
+var DefaultPolicy = Policy{MaxAttempts: 25, BackoffMin: time.Second, BackoffMax: 10 * time.Minute, DedupWindow: 10 * time.Minute}
 
 // Option configures a Broker.
 type Option func(*Broker)
@@ -31,16 +55,20 @@ func WithRawQueues(isRaw func(queue string) bool) Option {
 	return func(b *Broker) { b.isRaw = isRaw }
 }
 
-// WithBlockingClient sets a separate client for blocking waits, so that
-// queues waiting for messages never starve the pool of ordinary commands.
-// Default: the main client.
+// WithBlockingClient sets a separate client for blocking waits and pub/sub,
+// so that queues waiting for messages never starve the pool of ordinary
+// commands. Default: the main client.
 func WithBlockingClient(c redis.UniversalClient) Option {
 	return func(b *Broker) { b.blocking = c }
 }
 
+// WithDefaults sets the server-wide default queue policy. Default:
+// DefaultPolicy.
+func WithDefaults(p Policy) Option { return func(b *Broker) { b.defaults = p } }
+
 // New returns a Broker over rdb (a single node, Sentinel or Cluster client).
 func New(rdb redis.UniversalClient, opts ...Option) *Broker {
-	b := &Broker{rdb: rdb, isRaw: func(string) bool { return false }}
+	b := &Broker{rdb: rdb, isRaw: func(string) bool { return false }, defaults: DefaultPolicy}
 	for _, o := range opts {
 		o(b)
 	}
@@ -55,6 +83,9 @@ func (b *Broker) Keys() Keys { return b.keys }
 
 // IsRaw reports whether queue is in raw mode.
 func (b *Broker) IsRaw(queue string) bool { return b.isRaw(queue) }
+
+// Defaults returns the server-wide default policy.
+func (b *Broker) Defaults() Policy { return b.defaults }
 
 // Ping checks that Redis answers.
 func (b *Broker) Ping(ctx context.Context) error {
@@ -71,39 +102,120 @@ func (b *Broker) LoadScripts(ctx context.Context) error {
 	return nil
 }
 
-// NewMessage is a message to enqueue.
-type NewMessage struct {
-	ID      string // empty: a UUIDv7 is assigned
-	Headers map[string]string
-	Payload []byte
+// run runs a queue script with the standard KEYS and ARGV prefix.
+func (b *Broker) run(ctx context.Context, s *redis.Script, queue string, extraKeys []string, args ...any) *redis.Cmd {
+	keys := b.keys.script(queue)
+	keys = append(keys, extraKeys...)
+	d := b.defaults
+	expired := "drop"
+	if d.ExpiredDeadLetter {
+		expired = "dead"
+	}
+	raw := "0"
+	if b.isRaw(queue) {
+		raw = "1"
+	}
+	argv := make([]any, 0, 7+len(args))
+	argv = append(argv, raw, d.MaxAttempts, d.BackoffMin.Milliseconds(), d.BackoffMax.Milliseconds(),
+		expired, rand.Int32N(1<<30)+1, d.DedupWindow.Milliseconds())
+	argv = append(argv, args...)
+	return s.Run(ctx, b.rdb, keys, argv...)
 }
 
-// EnqueueMany appends msgs to the tail of queue in one RPUSH, so a batch is
-// all or nothing, and returns their ids.
+// NewMessage is a message to enqueue.
+type NewMessage struct {
+	ID        string // empty: a UUIDv7 is assigned
+	Headers   map[string]string
+	Payload   []byte
+	Delay     time.Duration // deliver no earlier than now + Delay
+	DeliverAt time.Time     // or no earlier than this (zero: unset)
+	TTL       time.Duration // 0: never expires
+	DedupKey  string
+	// Retry policy overrides (0: the queue's policy).
+	MaxAttempts            int
+	BackoffMin, BackoffMax time.Duration
+}
+
+// EnqueueResult reports an EnqueueMany.
+type EnqueueResult struct {
+	IDs []string
+	// Duplicate[i] is true when message i matched a remembered dedup key;
+	// IDs[i] is then the id of the earlier message.
+	Duplicate []bool
+	// FirstDue is the earliest due time of the messages that were delayed
+	// (zero when none was).
+	FirstDue time.Time
+}
+
+// QueueFullError means a bounded queue has no room for the messages.
+type QueueFullError struct {
+	Queue     string
+	Held, Max int64
+}
+
+func (e *QueueFullError) Error() string {
+	return fmt.Sprintf("queue %q is full: it holds %d of at most %d messages (ready and delayed)", e.Queue, e.Held, e.Max)
+}
+
+// EnqueueMany appends msgs to the tail of queue (or schedules the delayed
+// ones) in one script, so a batch is all or nothing, and returns their ids.
 //
 // In raw mode the list elements are the bare payloads: a plain BLPOP reads
 // them unchanged, but headers and ids are not stored (the ids returned are
 // informational) and the enqueue time becomes the time of first delivery.
-func (b *Broker) EnqueueMany(ctx context.Context, queue string, msgs []NewMessage) ([]string, error) {
-	ids := make([]string, len(msgs))
-	els := make([]any, len(msgs))
-	raw := b.isRaw(queue)
+// A delayed message is stored as an envelope until it is due.
+func (b *Broker) EnqueueMany(ctx context.Context, queue string, msgs []NewMessage) (EnqueueResult, error) {
+	res := EnqueueResult{IDs: make([]string, len(msgs)), Duplicate: make([]bool, len(msgs))}
 	now := time.Now().UnixMilli()
+	var dedupKeys []string
+	dedupIdx := map[string]int{}
+	args := make([]any, 0, 1+5*len(msgs))
+	args = append(args, len(msgs))
 	for i, m := range msgs {
-		ids[i] = m.ID
-		if ids[i] == "" {
-			ids[i] = newID()
+		res.IDs[i] = m.ID
+		if res.IDs[i] == "" {
+			res.IDs[i] = newID()
 		}
-		if raw {
-			els[i] = m.Payload
-			continue
+		el := encodeEnvelope(&Message{
+			ID: res.IDs[i], EnqueuedAt: now, Headers: m.Headers, Payload: m.Payload,
+			MaxAttempts: uint16(m.MaxAttempts), BackoffMin: uint32(m.BackoffMin.Milliseconds()), BackoffMax: uint32(m.BackoffMax.Milliseconds()),
+		})
+		k := 0
+		if m.DedupKey != "" {
+			var ok bool
+			if k, ok = dedupIdx[m.DedupKey]; !ok {
+				dedupKeys = append(dedupKeys, b.keys.Dedup(queue, m.DedupKey))
+				k = 11 + len(dedupKeys)
+				dedupIdx[m.DedupKey] = k
+			}
 		}
-		els[i] = encodeEnvelope(&Message{ID: ids[i], EnqueuedAt: now, Headers: m.Headers, Payload: m.Payload})
+		var at int64
+		if !m.DeliverAt.IsZero() {
+			at = m.DeliverAt.UnixMilli()
+		}
+		args = append(args, el, m.Delay.Milliseconds(), at, m.TTL.Milliseconds(), k)
 	}
-	if err := b.rdb.RPush(ctx, b.keys.Ready(queue), els...).Err(); err != nil {
-		return nil, wrap(err, "enqueue to %q", queue)
+	out, err := b.run(ctx, enqueueScript, queue, dedupKeys, args...).Slice()
+	if err != nil {
+		return res, wrap(err, "enqueue to %q", queue)
 	}
-	return ids, nil
+	if len(out) >= 3 && out[0] == "FULL" {
+		held, _ := out[1].(int64)
+		max, _ := out[2].(int64)
+		return res, &QueueFullError{Queue: queue, Held: held, Max: max}
+	}
+	if len(out) != 2+len(msgs) || out[0] != "OK" {
+		return res, fmt.Errorf("enqueue to %q: unexpected reply %v", queue, out)
+	}
+	if due, _ := out[1].(int64); due > 0 {
+		res.FirstDue = time.UnixMilli(due)
+	}
+	for i := range msgs {
+		if dup, _ := out[2+i].(string); dup != "" {
+			res.IDs[i], res.Duplicate[i] = dup, true
+		}
+	}
+	return res, nil
 }
 
 func newID() string {
@@ -116,6 +228,7 @@ func newID() string {
 
 // Lease is one message taken by a consumer.
 type Lease struct {
+	Queue    string
 	LeaseID  string // empty for auto-ack pops
 	Deadline time.Time
 	Message  *Message
@@ -124,14 +237,14 @@ type Lease struct {
 	element string
 }
 
+// ErrPaused means the queue is paused: nothing is delivered from it.
+var ErrPaused = errors.New("queue is paused")
+
 // Claim leases up to n messages from the head of queue for lease, and
 // reports how many remain ready. It never blocks: use WaitReady when the
-// queue is empty.
+// queue is empty. A paused queue gives ErrPaused.
 func (b *Broker) Claim(ctx context.Context, queue string, n int, lease time.Duration) ([]Lease, int64, error) {
-	k := b.keys
-	res, err := claimScript.Run(ctx, b.rdb,
-		[]string{k.Ready(queue), k.InFlight(queue), k.Leases(queue), k.Seq(queue)},
-		n, lease.Milliseconds()).Slice()
+	res, err := b.run(ctx, claimScript, queue, nil, n, lease.Milliseconds()).Slice()
 	if err != nil {
 		return nil, 0, wrap(err, "claim from %q", queue)
 	}
@@ -139,6 +252,9 @@ func (b *Broker) Claim(ctx context.Context, queue string, n int, lease time.Dura
 		return nil, 0, fmt.Errorf("claim from %q: short reply %v", queue, res)
 	}
 	remaining, _ := res[0].(int64)
+	if remaining < 0 {
+		return nil, 0, ErrPaused
+	}
 	deadlineMs, _ := res[1].(int64)
 	deadline := time.UnixMilli(deadlineMs)
 	out := make([]Lease, 0, (len(res)-2)/2)
@@ -151,15 +267,15 @@ func (b *Broker) Claim(ctx context.Context, queue string, n int, lease time.Dura
 			// message deliverable rather than losing it.
 			m = &Message{ID: "raw-" + lid, Deliveries: 1, EnqueuedAt: time.Now().UnixMilli(), Payload: []byte(el)}
 		}
-		out = append(out, Lease{LeaseID: lid, Deadline: deadline, Message: m})
+		out = append(out, Lease{Queue: queue, LeaseID: lid, Deadline: deadline, Message: m})
 	}
 	return out, remaining, nil
 }
 
 // Pop removes up to n messages from the head of queue for an auto-ack
-// consumer and reports how many remain ready.
+// consumer and reports how many remain ready. A paused queue gives ErrPaused.
 func (b *Broker) Pop(ctx context.Context, queue string, n int) ([]Lease, int64, error) {
-	res, err := popScript.Run(ctx, b.rdb, []string{b.keys.Ready(queue)}, n).Slice()
+	res, err := b.run(ctx, popScript, queue, nil, n).Slice()
 	if err != nil {
 		return nil, 0, wrap(err, "pop from %q", queue)
 	}
@@ -167,6 +283,9 @@ func (b *Broker) Pop(ctx context.Context, queue string, n int) ([]Lease, int64, 
 		return nil, 0, fmt.Errorf("pop from %q: short reply %v", queue, res)
 	}
 	remaining, _ := res[0].(int64)
+	if remaining < 0 {
+		return nil, 0, ErrPaused
+	}
 	now := time.Now().UnixMilli()
 	out := make([]Lease, 0, len(res)-1)
 	for _, r := range res[1:] {
@@ -176,7 +295,7 @@ func (b *Broker) Pop(ctx context.Context, queue string, n int) ([]Lease, int64, 
 			m = &Message{ID: newID(), EnqueuedAt: now, Payload: []byte(el)}
 		}
 		m.Deliveries++
-		out = append(out, Lease{Message: m, element: el})
+		out = append(out, Lease{Queue: queue, Message: m, element: el})
 	}
 	return out, remaining, nil
 }
@@ -209,27 +328,65 @@ func (b *Broker) WaitReady(ctx context.Context, queue string, timeout time.Durat
 	return true, nil
 }
 
-// Settle removes leases for good (ack, or nack with drop). ok[i] tells
-// whether leaseIDs[i] was still held.
-func (b *Broker) Settle(ctx context.Context, queue string, leaseIDs []string) (ok []bool, err error) {
-	k := b.keys
-	res, err := settleScript.Run(ctx, b.rdb, []string{k.InFlight(queue), k.Leases(queue)}, strArgs(leaseIDs)...).Int64Slice()
+// Ack settles leases for good. ok[i] tells whether leaseIDs[i] was still
+// held.
+func (b *Broker) Ack(ctx context.Context, queue string, leaseIDs []string) (ok []bool, err error) {
+	return b.settle(ctx, queue, "acked", leaseIDs)
+}
+
+// Drop removes leased messages for good (a Nack that drops).
+func (b *Broker) Drop(ctx context.Context, queue string, leaseIDs []string) (ok []bool, err error) {
+	return b.settle(ctx, queue, "nacked", leaseIDs)
+}
+
+func (b *Broker) settle(ctx context.Context, queue, counter string, leaseIDs []string) ([]bool, error) {
+	args := append([]any{counter}, strArgs(leaseIDs)...)
+	res, err := b.run(ctx, settleScript, queue, nil, args...).Int64Slice()
 	if err != nil {
 		return nil, wrap(err, "settle in %q", queue)
 	}
 	return flags(res), nil
 }
 
-// Requeue puts leased messages back at the head of queue (oldest delivery
-// first, so order is kept). ok[i] tells whether leaseIDs[i] was still held.
-func (b *Broker) Requeue(ctx context.Context, queue string, leaseIDs []string) (ok []bool, err error) {
-	k := b.keys
-	args := append([]any{rawFlag(b.isRaw(queue))}, strArgs(leaseIDs)...)
-	res, err := requeueScript.Run(ctx, b.rdb, []string{k.Ready(queue), k.InFlight(queue), k.Leases(queue)}, args...).Int64Slice()
-	if err != nil {
-		return nil, wrap(err, "requeue in %q", queue)
+// NackAction says what Nack does with a message.
+type NackAction string
+
+// Nack actions; see nackScript.
+const (
+	NackRequeue    NackAction = "requeue" // at once, or after the given delay
+	NackRetry      NackAction = "retry"   // after the policy's backoff, or the given delay
+	NackDeadLetter NackAction = "dead"    // to the dead letters
+	NackStreamEnd  NackAction = "end"     // a stream ended: requeue, not counted as a nack
+)
+
+// Nack gives leased messages back (oldest delivery first, so order is
+// kept). delay < 0 means none given. Whatever is to be delivered again but
+// used up its attempts is dead-lettered. ok[i] tells whether leaseIDs[i] was
+// still held; firstDue is the earliest due time of messages it scheduled.
+func (b *Broker) Nack(ctx context.Context, queue string, leaseIDs []string, action NackAction, delay time.Duration, errText string) (ok []bool, firstDue time.Time, err error) {
+	d := int64(-1)
+	if delay >= 0 {
+		d = delay.Milliseconds()
 	}
-	return flags(res), nil
+	args := append([]any{string(action), d, errText}, strArgs(leaseIDs)...)
+	res, err := b.run(ctx, nackScript, queue, nil, args...).Int64Slice()
+	if err != nil {
+		return nil, time.Time{}, wrap(err, "nack in %q", queue)
+	}
+	if len(res) < 1 {
+		return nil, time.Time{}, fmt.Errorf("nack in %q: empty reply", queue)
+	}
+	if res[0] > 0 {
+		firstDue = time.UnixMilli(res[0])
+	}
+	return flags(res[1:]), firstDue, nil
+}
+
+// Requeue puts leased messages back at the head of queue because their
+// stream ended (dead-lettering those out of attempts).
+func (b *Broker) Requeue(ctx context.Context, queue string, leaseIDs []string) (ok []bool, err error) {
+	ok, _, err = b.Nack(ctx, queue, leaseIDs, NackStreamEnd, -1, "")
+	return ok, err
 }
 
 // Extend moves the deadlines of held leases to now + lease.
@@ -245,45 +402,168 @@ func (b *Broker) Extend(ctx context.Context, queue string, leaseIDs []string, le
 	return time.UnixMilli(res[0]), flags(res[1:]), nil
 }
 
-// ReapExpired requeues up to limit messages of queue whose lease has run out
-// and returns how many it requeued.
+// ReapExpired handles up to limit messages of queue whose lease has run out
+// and returns how many it handled.
 func (b *Broker) ReapExpired(ctx context.Context, queue string, limit int) (int64, error) {
-	k := b.keys
-	n, err := reapScript.Run(ctx, b.rdb, []string{k.Ready(queue), k.InFlight(queue), k.Leases(queue)},
-		rawFlag(b.isRaw(queue)), limit).Int64()
+	n, err := b.run(ctx, reapScript, queue, nil, limit).Int64()
 	return n, wrap(err, "reap %q", queue)
 }
 
-// RegisterQueue records queue in the set the reaper walks.
+// Promote moves up to limit due delayed messages of queue to its ready list.
+// It returns how many it moved, when the next one is due (zero: none), and
+// Redis's clock.
+func (b *Broker) Promote(ctx context.Context, queue string, limit int) (n int64, next, redisNow time.Time, err error) {
+	res, err := b.run(ctx, promoteScript, queue, nil, limit).Int64Slice()
+	if err != nil {
+		return 0, time.Time{}, time.Time{}, wrap(err, "promote in %q", queue)
+	}
+	if len(res) != 3 {
+		return 0, time.Time{}, time.Time{}, fmt.Errorf("promote in %q: unexpected reply %v", queue, res)
+	}
+	if res[1] > 0 {
+		next = time.UnixMilli(res[1])
+	}
+	return res[0], next, time.UnixMilli(res[2]), nil
+}
+
+// NoteDue records in the global due index that queue has a message due at
+// due (keeping an earlier time already recorded).
+func (b *Broker) NoteDue(ctx context.Context, queue string, due time.Time) error {
+	err := b.rdb.ZAddLT(ctx, b.keys.Due(), redis.Z{Score: float64(due.UnixMilli()), Member: queue}).Err()
+	return wrap(err, "note due time of %q", queue)
+}
+
+// SetDue records queue's next due time in the global index exactly (zero
+// removes it).
+func (b *Broker) SetDue(ctx context.Context, queue string, next time.Time) error {
+	var err error
+	if next.IsZero() {
+		err = b.rdb.ZRem(ctx, b.keys.Due(), queue).Err()
+	} else {
+		err = b.rdb.ZAdd(ctx, b.keys.Due(), redis.Z{Score: float64(next.UnixMilli()), Member: queue}).Err()
+	}
+	return wrap(err, "set due time of %q", queue)
+}
+
+// NextDue returns up to n queues with the earliest due times.
+func (b *Broker) NextDue(ctx context.Context, n int) ([]redis.Z, error) {
+	zs, err := b.rdb.ZRangeWithScores(ctx, b.keys.Due(), 0, int64(n-1)).Result()
+	return zs, wrap(err, "read due index")
+}
+
+// FirstDelayed returns the due time of queue's earliest delayed message
+// (zero: none).
+func (b *Broker) FirstDelayed(ctx context.Context, queue string) (time.Time, error) {
+	zs, err := b.rdb.ZRangeWithScores(ctx, b.keys.Delayed(queue), 0, 0).Result()
+	if err != nil || len(zs) == 0 {
+		return time.Time{}, wrap(err, "read delayed of %q", queue)
+	}
+	return time.UnixMilli(int64(zs[0].Score)), nil
+}
+
+// RegisterQueue records queue in the set of known queues.
 func (b *Broker) RegisterQueue(ctx context.Context, queue string) error {
 	return wrap(b.rdb.SAdd(ctx, b.keys.Queues(), queue).Err(), "register %q", queue)
 }
 
-// RegisteredQueues lists the queues the reaper walks.
+// RegisteredQueues lists the known queues.
 func (b *Broker) RegisteredQueues(ctx context.Context) ([]string, error) {
 	qs, err := b.rdb.SMembers(ctx, b.keys.Queues()).Result()
 	return qs, wrap(err, "list queues")
 }
 
-// Stats holds a queue's counts.
-type Stats struct {
-	Ready    int64
-	InFlight int64
-}
-
-// Stats counts the ready and in-flight messages of queue.
-func (b *Broker) Stats(ctx context.Context, queue string) (Stats, error) {
-	var ready *redis.IntCmd
-	var inflight *redis.IntCmd
+// Known reports whether qbridge knows queue: registered, or a list, config
+// or dead letters of that name exist.
+func (b *Broker) Known(ctx context.Context, queue string) (bool, error) {
+	var member *redis.BoolCmd
+	var exists *redis.IntCmd
 	_, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		ready = p.LLen(ctx, b.keys.Ready(queue))
-		inflight = p.HLen(ctx, b.keys.InFlight(queue))
+		member = p.SIsMember(ctx, b.keys.Queues(), queue)
+		exists = p.Exists(ctx, b.keys.Ready(queue), b.keys.Config(queue), b.keys.DeadIndex(queue), b.keys.Delayed(queue))
 		return nil
 	})
 	if err != nil {
+		return false, wrap(err, "look up %q", queue)
+	}
+	return member.Val() || exists.Val() > 0, nil
+}
+
+// Counters are a queue's event totals.
+type Counters struct {
+	Enqueued, Acked, Nacked, LeaseExpired, DeadLettered, Expired int64
+}
+
+// Stats holds a queue's counts.
+type Stats struct {
+	Ready, InFlight, Delayed, Dead int64
+	// OldestEnqueuedAt is the enqueue time of the head of the ready list
+	// (zero when empty or pushed by a plain client).
+	OldestEnqueuedAt time.Time
+	Paused           bool
+	Counters         Counters
+}
+
+// Stats reads the counts of queue in one round trip.
+func (b *Broker) Stats(ctx context.Context, queue string) (Stats, error) {
+	k := b.keys
+	var ready, inflight, delayed, dead, paused *redis.IntCmd
+	var head *redis.StringCmd
+	var counters *redis.SliceCmd
+	_, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		ready = p.LLen(ctx, k.Ready(queue))
+		inflight = p.HLen(ctx, k.InFlight(queue))
+		delayed = p.ZCard(ctx, k.Delayed(queue))
+		dead = p.ZCard(ctx, k.DeadIndex(queue))
+		paused = p.Exists(ctx, k.Paused(queue))
+		head = p.LIndex(ctx, k.Ready(queue), 0)
+		counters = p.HMGet(ctx, k.Counters(queue), counterFields...)
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
 		return Stats{}, wrap(err, "stats of %q", queue)
 	}
-	return Stats{Ready: ready.Val(), InFlight: inflight.Val()}, nil
+	st := Stats{Ready: ready.Val(), InFlight: inflight.Val(), Delayed: delayed.Val(), Dead: dead.Val(), Paused: paused.Val() > 0}
+	if h := head.Val(); h != "" {
+		if m, err := decodeEnvelope([]byte(h)); err == nil && m.EnqueuedAt > 0 {
+			st.OldestEnqueuedAt = time.UnixMilli(m.EnqueuedAt)
+		}
+	}
+	st.Counters = parseCounters(counters.Val())
+	return st, nil
+}
+
+var counterFields = []string{"enqueued", "acked", "nacked", "lease_expired", "dead_lettered", "expired"}
+
+func parseCounters(vals []any) Counters {
+	n := func(i int) int64 {
+		if i >= len(vals) {
+			return 0
+		}
+		s, _ := vals[i].(string)
+		var v int64
+		_, _ = fmt.Sscan(s, &v)
+		return v
+	}
+	return Counters{Enqueued: n(0), Acked: n(1), Nacked: n(2), LeaseExpired: n(3), DeadLettered: n(4), Expired: n(5)}
+}
+
+// ReadCounters reads the counters of many queues in one round trip.
+func (b *Broker) ReadCounters(ctx context.Context, queues []string) ([]Counters, error) {
+	cmds := make([]*redis.SliceCmd, len(queues))
+	_, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, q := range queues {
+			cmds[i] = p.HMGet(ctx, b.keys.Counters(q), counterFields...)
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return nil, wrap(err, "read counters")
+	}
+	out := make([]Counters, len(queues))
+	for i, c := range cmds {
+		out[i] = parseCounters(c.Val())
+	}
+	return out, nil
 }
 
 // Publish sends payload on channel and returns what Redis PUBLISH returns.
@@ -311,11 +591,4 @@ func flags(res []int64) []bool {
 		out[i] = r == 1
 	}
 	return out
-}
-
-func rawFlag(raw bool) string {
-	if raw {
-		return "1"
-	}
-	return "0"
 }

@@ -16,31 +16,53 @@ import (
 //	0       4     magic "\x00qb\x01" (the last byte is the format version)
 //	4       4     deliveries: how many times the message has been delivered
 //	8       8     enqueue time, unix milliseconds
-//	16      2     id length n
-//	18      n     id
-//	18+n    4     meta length m
-//	22+n    m     meta: protobuf wire format of
-//	                message Meta { map<string,string> headers = 1; }
-//	22+n+m  rest  payload, unchanged
+//	16      8     expire time, unix ms (0: never); the enqueue script fills it from the ttl
+//	24      2     max attempts (0: the queue's policy)
+//	26      4     min backoff, ms (0: the queue's policy)
+//	30      4     max backoff, ms (0: the queue's policy)
+//	34      2     id length n
+//	36      n     id
+//	36+n    4     meta length m
+//	40+n    m     meta: protobuf wire format of
+//	                message Meta {
+//	                  map<string,string> headers = 1;
+//	                  string last_error = 2;   // of the latest Nack
+//	                  int64 dead_at_ms = 3;    // dead letters only
+//	                  string dead_reason = 4;  // dead letters only
+//	                }
+//	40+n+m  rest  payload, unchanged
 //
-// The fixed part lets Lua scripts bump the delivery count and cut out the
-// payload with plain string operations. A list element that does not start
-// with the magic is a raw payload pushed by a plain Redis client; the claim
-// script wraps it into an envelope when it first delivers it.
+// The fixed part lets Lua scripts apply the retry and expiry policy, bump
+// the delivery count and cut out the payload with plain string operations;
+// the scripts rewrite meta fields 2-4 (dropping older copies). A list element
+// that does not start with the magic is a raw payload pushed by a plain Redis
+// client; the claim script wraps it into an envelope when it first delivers
+// it.
 const (
 	envelopeMagic   = "\x00qb\x01"
-	envelopeMinSize = 22
-	// metaHeadersField is the protobuf field number of Meta.headers.
-	metaHeadersField = 1
+	envelopeMinSize = 40
+	// Meta field numbers.
+	metaHeadersField    = 1
+	metaLastErrorField  = 2
+	metaDeadAtField     = 3
+	metaDeadReasonField = 4
 )
 
 // Message is a queue message as qbridge sees it.
 type Message struct {
-	ID         string
-	Deliveries uint32 // times delivered before (in a list) or including this delivery (in flight)
-	EnqueuedAt int64  // unix ms
-	Headers    map[string]string
-	Payload    []byte
+	ID          string
+	Deliveries  uint32 // times delivered before (in a list) or including this delivery (in flight)
+	EnqueuedAt  int64  // unix ms
+	ExpireAt    int64  // unix ms, 0: never
+	MaxAttempts uint16 // 0: the queue's policy
+	BackoffMin  uint32 // ms, 0: the queue's policy
+	BackoffMax  uint32 // ms, 0: the queue's policy
+	Headers     map[string]string
+	Payload     []byte
+
+	LastError  string
+	DeadAt     int64 // unix ms; dead letters only
+	DeadReason string
 }
 
 var errBadEnvelope = errors.New("malformed envelope")
@@ -57,10 +79,26 @@ func encodeEnvelope(m *Message) []byte {
 		meta = protowire.AppendTag(meta, metaHeadersField, protowire.BytesType)
 		meta = protowire.AppendBytes(meta, entry)
 	}
+	if m.LastError != "" {
+		meta = protowire.AppendTag(meta, metaLastErrorField, protowire.BytesType)
+		meta = protowire.AppendString(meta, m.LastError)
+	}
+	if m.DeadAt != 0 {
+		meta = protowire.AppendTag(meta, metaDeadAtField, protowire.VarintType)
+		meta = protowire.AppendVarint(meta, uint64(m.DeadAt))
+	}
+	if m.DeadReason != "" {
+		meta = protowire.AppendTag(meta, metaDeadReasonField, protowire.BytesType)
+		meta = protowire.AppendString(meta, m.DeadReason)
+	}
 	b := make([]byte, 0, envelopeMinSize+len(m.ID)+len(meta)+len(m.Payload))
 	b = append(b, envelopeMagic...)
 	b = binary.BigEndian.AppendUint32(b, m.Deliveries)
 	b = binary.BigEndian.AppendUint64(b, uint64(m.EnqueuedAt))
+	b = binary.BigEndian.AppendUint64(b, uint64(m.ExpireAt))
+	b = binary.BigEndian.AppendUint16(b, m.MaxAttempts)
+	b = binary.BigEndian.AppendUint32(b, m.BackoffMin)
+	b = binary.BigEndian.AppendUint32(b, m.BackoffMax)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(m.ID)))
 	b = append(b, m.ID...)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(meta)))
@@ -80,78 +118,109 @@ func decodeEnvelope(b []byte) (*Message, error) {
 		return nil, errBadEnvelope
 	}
 	m := &Message{
-		Deliveries: binary.BigEndian.Uint32(b[4:8]),
-		EnqueuedAt: int64(binary.BigEndian.Uint64(b[8:16])),
+		Deliveries:  binary.BigEndian.Uint32(b[4:8]),
+		EnqueuedAt:  int64(binary.BigEndian.Uint64(b[8:16])),
+		ExpireAt:    int64(binary.BigEndian.Uint64(b[16:24])),
+		MaxAttempts: binary.BigEndian.Uint16(b[24:26]),
+		BackoffMin:  binary.BigEndian.Uint32(b[26:30]),
+		BackoffMax:  binary.BigEndian.Uint32(b[30:34]),
 	}
-	n := int(binary.BigEndian.Uint16(b[16:18]))
-	if len(b) < 18+n+4 {
+	n := int(binary.BigEndian.Uint16(b[34:36]))
+	if len(b) < 36+n+4 {
 		return nil, fmt.Errorf("%w: id length %d exceeds element", errBadEnvelope, n)
 	}
-	m.ID = string(b[18 : 18+n])
-	off := 18 + n
+	m.ID = string(b[36 : 36+n])
+	off := 36 + n
 	ml := int(binary.BigEndian.Uint32(b[off : off+4]))
 	off += 4
 	if ml < 0 || len(b) < off+ml {
 		return nil, fmt.Errorf("%w: meta length %d exceeds element", errBadEnvelope, ml)
 	}
 	if ml > 0 {
-		h, err := decodeMeta(b[off : off+ml])
-		if err != nil {
+		if err := decodeMeta(m, b[off:off+ml]); err != nil {
 			return nil, err
 		}
-		m.Headers = h
 	}
 	m.Payload = b[off+ml:]
 	return m, nil
 }
 
-func decodeMeta(meta []byte) (map[string]string, error) {
-	headers := map[string]string{}
+func decodeMeta(m *Message, meta []byte) error {
+	bad := func(n int) error { return fmt.Errorf("%w: meta: %v", errBadEnvelope, protowire.ParseError(n)) }
 	for len(meta) > 0 {
 		num, typ, n := protowire.ConsumeTag(meta)
 		if n < 0 {
-			return nil, fmt.Errorf("%w: meta: %v", errBadEnvelope, protowire.ParseError(n))
+			return bad(n)
 		}
 		meta = meta[n:]
-		if num != metaHeadersField || typ != protowire.BytesType {
+		switch {
+		case num == metaHeadersField && typ == protowire.BytesType:
+			entry, n := protowire.ConsumeBytes(meta)
+			if n < 0 {
+				return bad(n)
+			}
+			meta = meta[n:]
+			k, v, err := decodeHeaderEntry(entry)
+			if err != nil {
+				return err
+			}
+			if m.Headers == nil {
+				m.Headers = map[string]string{}
+			}
+			m.Headers[k] = v
+		case (num == metaLastErrorField || num == metaDeadReasonField) && typ == protowire.BytesType:
+			v, n := protowire.ConsumeString(meta)
+			if n < 0 {
+				return bad(n)
+			}
+			meta = meta[n:]
+			if num == metaLastErrorField {
+				m.LastError = v
+			} else {
+				m.DeadReason = v
+			}
+		case num == metaDeadAtField && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(meta)
+			if n < 0 {
+				return bad(n)
+			}
+			meta = meta[n:]
+			m.DeadAt = int64(v)
+		default:
 			// A field from a newer format: skip it.
 			n = protowire.ConsumeFieldValue(num, typ, meta)
 			if n < 0 {
-				return nil, fmt.Errorf("%w: meta: %v", errBadEnvelope, protowire.ParseError(n))
+				return bad(n)
 			}
 			meta = meta[n:]
-			continue
 		}
-		entry, n := protowire.ConsumeBytes(meta)
-		if n < 0 {
-			return nil, fmt.Errorf("%w: meta: %v", errBadEnvelope, protowire.ParseError(n))
-		}
-		meta = meta[n:]
-		var k, v string
-		for len(entry) > 0 {
-			en, et, n := protowire.ConsumeTag(entry)
-			if n < 0 {
-				return nil, fmt.Errorf("%w: header entry: %v", errBadEnvelope, protowire.ParseError(n))
-			}
-			entry = entry[n:]
-			if et != protowire.BytesType {
-				n = protowire.ConsumeFieldValue(en, et, entry)
-			} else {
-				var s []byte
-				s, n = protowire.ConsumeBytes(entry)
-				switch en {
-				case 1:
-					k = string(s)
-				case 2:
-					v = string(s)
-				}
-			}
-			if n < 0 {
-				return nil, fmt.Errorf("%w: header entry: %v", errBadEnvelope, protowire.ParseError(n))
-			}
-			entry = entry[n:]
-		}
-		headers[k] = v
 	}
-	return headers, nil
+	return nil
+}
+
+func decodeHeaderEntry(entry []byte) (k, v string, err error) {
+	for len(entry) > 0 {
+		en, et, n := protowire.ConsumeTag(entry)
+		if n < 0 {
+			return "", "", fmt.Errorf("%w: header entry: %v", errBadEnvelope, protowire.ParseError(n))
+		}
+		entry = entry[n:]
+		if et != protowire.BytesType {
+			n = protowire.ConsumeFieldValue(en, et, entry)
+		} else {
+			var s []byte
+			s, n = protowire.ConsumeBytes(entry)
+			switch en {
+			case 1:
+				k = string(s)
+			case 2:
+				v = string(s)
+			}
+		}
+		if n < 0 {
+			return "", "", fmt.Errorf("%w: header entry: %v", errBadEnvelope, protowire.ParseError(n))
+		}
+		entry = entry[n:]
+	}
+	return k, v, nil
 }

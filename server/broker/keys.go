@@ -5,18 +5,28 @@
 //
 // With key prefix P (empty by default) and queue Q:
 //
-//	P Q                  list   the ready queue. Exactly the list a plain Redis
-//	                            client pushes to or pops from. qbridge appends
-//	                            (RPUSH) and takes from the head (LPOP / BLMOVE),
-//	                            so a plain BLPOP consumer sees qbridge's order.
-//	{P Q}:qb:inflight    hash   lease id -> envelope of each delivered, unsettled message
-//	{P Q}:qb:leases      zset   lease id -> lease deadline (Redis server time, unix ms)
-//	{P Q}:qb:seq         string counter that hands out lease ids (never reused)
-//	P qbridge:queues     set    queues that have had consumers; the lease reaper walks it
+//	P Q                   list   the ready queue. Exactly the list a plain Redis
+//	                             client pushes to or pops from. qbridge appends
+//	                             (RPUSH) and takes from the head (LPOP / BLMOVE),
+//	                             so a plain BLPOP consumer sees qbridge's order.
+//	{P Q}:qb:inflight     hash   lease id -> envelope of each delivered, unsettled message
+//	{P Q}:qb:leases       zset   lease id -> lease deadline (Redis server time, unix ms)
+//	{P Q}:qb:seq          string counter for lease ids and other unique members (never reset)
+//	{P Q}:qb:delayed      zset   member -> due time (unix ms) of delayed messages
+//	{P Q}:qb:scheduled    hash   member -> envelope of delayed messages
+//	{P Q}:qb:dead         hash   dead id -> envelope of dead letters (with reason and time)
+//	{P Q}:qb:deadidx      zset   dead id -> time of death (unix ms), for paging
+//	{P Q}:qb:config       hash   the queue's policy (fields absent: server default)
+//	{P Q}:qb:counters     hash   event totals: enqueued, acked, nacked, ...
+//	{P Q}:qb:paused       string present while the queue is paused
+//	{P Q}:qb:dedup:K      string id of the message enqueued with dedup key K (expires)
+//	P qbridge:queues      set    queues qbridge has seen (enqueued to or consumed)
+//	P qbridge:due         zset   queue -> earliest due time of its delayed messages
 //
 // The braces are a Redis Cluster hash tag: "{P Q}:..." hashes on "P Q", the
 // same slot as the ready list itself, so every script below touches keys of a
-// single slot. Queue names cannot contain braces (see package server).
+// single slot. Queue names cannot contain braces (see package server). The
+// two global keys are only ever used by single-key commands.
 //
 // Pub/sub channel C is the Redis channel "P C"; patterns are prefixed the same
 // way.
@@ -24,9 +34,9 @@
 // # Message states
 //
 // A message is in exactly one place at every instant: an element of the ready
-// list, or an entry of the inflight hash (with its lease in the leases zset).
-// Every move between the two is a single Lua script, so a qbridge crash at
-// any point cannot lose it.
+// list, an entry of the inflight hash (with its lease), of the scheduled hash
+// (with its due time), or of the dead hash. Every move between them is a
+// single Lua script, so a qbridge crash at any point cannot lose it.
 package broker
 
 // Keys builds Redis key and channel names for one key prefix.
@@ -54,8 +64,41 @@ func (k Keys) Leases(q string) string { return k.tag(q) + ":qb:leases" }
 // Seq is the lease id counter of queue q.
 func (k Keys) Seq(q string) string { return k.tag(q) + ":qb:seq" }
 
-// Queues is the set of queues the lease reaper looks after.
+// Delayed is the due-time index of queue q's delayed messages.
+func (k Keys) Delayed(q string) string { return k.tag(q) + ":qb:delayed" }
+
+// Scheduled holds queue q's delayed messages.
+func (k Keys) Scheduled(q string) string { return k.tag(q) + ":qb:scheduled" }
+
+// Dead holds queue q's dead letters.
+func (k Keys) Dead(q string) string { return k.tag(q) + ":qb:dead" }
+
+// DeadIndex orders queue q's dead letters by time of death.
+func (k Keys) DeadIndex(q string) string { return k.tag(q) + ":qb:deadidx" }
+
+// Config is queue q's policy.
+func (k Keys) Config(q string) string { return k.tag(q) + ":qb:config" }
+
+// Counters holds queue q's event totals.
+func (k Keys) Counters(q string) string { return k.tag(q) + ":qb:counters" }
+
+// Paused exists while queue q is paused.
+func (k Keys) Paused(q string) string { return k.tag(q) + ":qb:paused" }
+
+// Dedup remembers dedup key key of queue q.
+func (k Keys) Dedup(q, key string) string { return k.tag(q) + ":qb:dedup:" + key }
+
+// Queues is the set of queues qbridge has seen.
 func (k Keys) Queues() string { return k.prefix + "qbridge:queues" }
+
+// Due is the global index of each queue's earliest due time.
+func (k Keys) Due() string { return k.prefix + "qbridge:due" }
+
+// script returns the standard KEYS of queue q's scripts (see scripts.go).
+func (k Keys) script(q string) []string {
+	return []string{k.Ready(q), k.InFlight(q), k.Leases(q), k.Seq(q), k.Delayed(q), k.Scheduled(q),
+		k.Dead(q), k.DeadIndex(q), k.Config(q), k.Counters(q), k.Paused(q)}
+}
 
 // Channel is the Redis channel (or pattern) for pub/sub name c.
 func (k Keys) Channel(c string) string { return k.prefix + c }

@@ -5,20 +5,43 @@ import "github.com/redis/go-redis/v9"
 // Every Lua script qbridge runs is here. Each touches only the keys of one
 // queue (one cluster slot) and declares all of them in KEYS. Time always comes
 // from Redis (TIME), so several qbridge instances with skewed clocks agree on
-// lease deadlines.
+// lease deadlines and due times.
+//
+// Queue scripts share one KEYS layout (see Keys.script):
+//
+//	KEYS[1] ready list        KEYS[5] delayed zset (member -> due ms)
+//	KEYS[2] inflight hash     KEYS[6] scheduled hash (member -> envelope)
+//	KEYS[3] leases zset       KEYS[7] dead hash (dead id -> envelope)
+//	KEYS[4] seq counter       KEYS[8] dead index zset (dead id -> dead at ms)
+//	KEYS[9] config hash       KEYS[10] counters hash   KEYS[11] paused flag
+//	KEYS[12..] script-specific (dedup keys for enqueue)
+//
+// and begin with the same ARGV block, the server defaults of the queue
+// policy (a queue's config hash overrides them, a message's envelope
+// overrides both):
+//
+//	ARGV[1] raw mode "1"/"0"      ARGV[5] expired action "drop"/"dead"
+//	ARGV[2] max attempts          ARGV[6] random seed for backoff jitter
+//	ARGV[3] min backoff ms        ARGV[7] dedup window ms
+//	ARGV[4] max backoff ms
+//	ARGV[8..] script-specific
 
-// luaPrelude holds helpers shared by the scripts: big-endian integer codecs
-// for the envelope's fixed fields (see envelope.go), the clock, and
-// requeue, which moves one inflight entry back to the head of the ready list.
+// luaPrelude holds what the queue scripts share.
 const luaPrelude = `
+local READY, INFLIGHT, LEASES, SEQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local DELAYED, SCHED, DEAD, DEADIDX = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local CONFIG, COUNTERS, PAUSED = KEYS[9], KEYS[10], KEYS[11]
+local RAW = ARGV[1] == '1'
+local SEED = tonumber(ARGV[6])
 local MAGIC = '\0qb\1'
+local P32 = 4294967296
+
 local function be32(n)
   return string.char(math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
                      math.floor(n / 256) % 256, n % 256)
 end
-local function be16(n)
-  return string.char(math.floor(n / 256) % 256, n % 256)
-end
+local function be16(n) return string.char(math.floor(n / 256) % 256, n % 256) end
+local function be64(n) return be32(math.floor(n / P32)) .. be32(n % P32) end
 local function rd32(s, i)
   local a, b, c, d = string.byte(s, i, i + 3)
   return ((a * 256 + b) * 256 + c) * 256 + d
@@ -27,108 +50,342 @@ local function rd16(s, i)
   local a, b = string.byte(s, i, i + 1)
   return a * 256 + b
 end
+local function rd64(s, i) return rd32(s, i) * P32 + rd32(s, i + 4) end
 local function nowms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
--- payload cuts the payload out of an envelope (for raw-mode queues).
-local function payload(e)
-  local idlen = rd16(e, 17)
-  local metalen = rd32(e, 19 + idlen)
-  return string.sub(e, 23 + idlen + metalen)
+local function rnd()
+  SEED = (SEED * 1103515245 + 12345) % 2147483648
+  return SEED / 2147483648
 end
--- requeue moves inflight entry lid back to the head of the ready list.
--- Returns 1 when it did, 0 when lid is not in flight (settled, or already
--- requeued by someone else).
-local function requeue(ready, inflight, leases, lid, raw)
-  local e = redis.call('HGET', inflight, lid)
-  if not e then return 0 end
-  redis.call('HDEL', inflight, lid)
-  redis.call('ZREM', leases, lid)
-  if raw == '1' then e = payload(e) end
-  redis.call('LPUSH', ready, e)
-  return 1
+
+-- The queue policy: config hash over server defaults, read once per run.
+local cfg
+local function policy()
+  if not cfg then
+    local v = redis.call('HMGET', CONFIG, 'max_attempts', 'backoff_min_ms', 'backoff_max_ms',
+                         'expired_action', 'max_length', 'dedup_window_ms')
+    cfg = {
+      maxatt = tonumber(v[1]) or tonumber(ARGV[2]),
+      bmin = tonumber(v[2]) or tonumber(ARGV[3]),
+      bmax = tonumber(v[3]) or tonumber(ARGV[4]),
+      expact = v[4] or ARGV[5],
+      maxlen = tonumber(v[5]) or 0,
+      dedup = tonumber(v[6]) or tonumber(ARGV[7]),
+    }
+  end
+  return cfg
+end
+
+-- Envelope fields (see envelope.go; Lua strings are 1-based).
+local function deliveries(e) return rd32(e, 5) end
+local function setdeliveries(e, n) return string.sub(e, 1, 4) .. be32(n) .. string.sub(e, 9) end
+local function expireat(e) return rd64(e, 17) end
+local function maxattempts(e)
+  local m = rd16(e, 25)
+  if m > 0 then return m end
+  return policy().maxatt
+end
+local function idof(e) return string.sub(e, 37, 36 + rd16(e, 35)) end
+local function payload(e)
+  local n = rd16(e, 35)
+  return string.sub(e, 41 + n + rd32(e, 37 + n))
+end
+
+local function varint(n)
+  local out = ''
+  while n >= 128 do
+    out = out .. string.char(n % 128 + 128)
+    n = math.floor(n / 128)
+  end
+  return out .. string.char(n)
+end
+local function readvarint(s, i)
+  local n, mul = 0, 1
+  while true do
+    local b = string.byte(s, i)
+    i = i + 1
+    n = n + (b % 128) * mul
+    if b < 128 then return n, i end
+    mul = mul * 128
+  end
+end
+-- setmeta replaces meta field num (2: last error, 3: dead at, 4: dead
+-- reason) with value (a string, a number for field 3, or nil to remove it).
+local function setmeta(e, num, value)
+  local n = rd16(e, 35)
+  local m = rd32(e, 37 + n)
+  local meta = string.sub(e, 41 + n, 40 + n + m)
+  local out, i = {}, 1
+  while i <= #meta do
+    local start = i
+    local tag
+    tag, i = readvarint(meta, i)
+    local wt = tag % 8
+    if wt == 2 then
+      local len
+      len, i = readvarint(meta, i)
+      i = i + len
+    elseif wt == 0 then
+      local _
+      _, i = readvarint(meta, i)
+    else
+      out[#out + 1] = string.sub(meta, start)
+      break
+    end
+    if math.floor(tag / 8) ~= num then out[#out + 1] = string.sub(meta, start, i - 1) end
+  end
+  if value ~= nil then
+    if num == 3 then
+      out[#out + 1] = varint(num * 8) .. varint(value)
+    else
+      out[#out + 1] = varint(num * 8 + 2) .. varint(#value) .. value
+    end
+  end
+  local newmeta = table.concat(out)
+  return string.sub(e, 1, 36 + n) .. be32(#newmeta) .. newmeta .. string.sub(e, 41 + n + m)
+end
+
+local function count(field, n)
+  if n ~= 0 then redis.call('HINCRBY', COUNTERS, field, n) end
+end
+
+local function pushready(e, head)
+  if RAW then e = payload(e) end
+  if head then redis.call('LPUSH', READY, e) else redis.call('RPUSH', READY, e) end
+end
+
+local mindue = 0
+local function schedule(e, due)
+  local member = 's' .. redis.call('INCR', SEQ)
+  redis.call('ZADD', DELAYED, due, member)
+  redis.call('HSET', SCHED, member, e)
+  if mindue == 0 or due < mindue then mindue = due end
+end
+
+local function deadletter(e, reason, now)
+  e = setmeta(setmeta(e, 3, now), 4, reason)
+  local id = idof(e)
+  if id == '' or redis.call('HEXISTS', DEAD, id) == 1 then
+    id = id .. '#' .. redis.call('INCR', SEQ)
+  end
+  redis.call('HSET', DEAD, id, e)
+  redis.call('ZADD', DEADIDX, now, id)
+  count('dead_lettered', 1)
+end
+
+-- backoff is the wait before retry number deliveries(e): full jitter within
+-- [10%, 100%] of min(max, min * 2^(deliveries - 1)).
+local function backoff(e)
+  local bmin, bmax = rd32(e, 27), rd32(e, 31)
+  if bmin == 0 then bmin = policy().bmin end
+  if bmax == 0 then bmax = policy().bmax end
+  local bound = bmin * 2 ^ math.min(deliveries(e) - 1, 40)
+  if bound > bmax then bound = bmax end
+  return math.floor(bound * (0.1 + 0.9 * rnd()))
+end
+
+-- again decides the fate of a message that is to be delivered again:
+-- dead-lettered when it used up its attempts, else back to the head of the
+-- ready list, or scheduled after delay ms (delay < 0: the policy's backoff).
+local function again(e, delay, now)
+  if deliveries(e) >= maxattempts(e) then
+    deadletter(e, 'max attempts reached', now)
+    return
+  end
+  if delay < 0 then delay = backoff(e) end
+  if delay > 0 then schedule(e, now + delay) else pushready(e, true) end
+end
+
+-- expired reports whether e's ttl has passed, and disposes of it if so.
+local function expired(e, now)
+  local at = expireat(e)
+  if at == 0 or at > now then return false end
+  count('expired', 1)
+  if policy().expact == 'dead' then deadletter(e, 'expired', now) end
+  return true
 end
 `
 
-// claimScript takes up to COUNT messages from the head of the ready list and
-// leases them: each gets a fresh lease id, its envelope's delivery count is
-// incremented, and it is stored in the inflight hash with its deadline in the
-// leases zset. Raw elements (pushed by plain Redis clients) are wrapped into an
-// envelope with id "raw-<lease id>" and enqueue time = now.
+// enqueueScript appends messages to the ready list, or schedules them, all
+// or nothing: when the queue has a max length and they do not all fit,
+// nothing is written. A message whose dedup key is still remembered is not
+// enqueued; the id remembered for the key is returned instead.
 //
-//	KEYS[1] ready list   KEYS[2] inflight hash   KEYS[3] leases zset   KEYS[4] seq
-//	ARGV[1] COUNT        ARGV[2] lease duration in ms
-//	returns {remaining ready length, lease deadline ms, lid1, envelope1, lid2, envelope2, ...}
-var claimScript = redis.NewScript(luaPrelude + `
-local els = redis.call('LPOP', KEYS[1], tonumber(ARGV[1]))
+//	KEYS    standard; KEYS[12..] dedup keys
+//	ARGV[8] number of messages, then 5 per message:
+//	        envelope, delay ms, deliver-at unix ms (0: none), ttl ms (0: none),
+//	        index of its dedup key in KEYS (0: none)
+//	returns {"OK", earliest due ms or 0, then per message "" or the id of the
+//	         earlier message with the same dedup key}
+//	     or {"FULL", messages held, max length}
+var enqueueScript = redis.NewScript(luaPrelude + `
+local n = tonumber(ARGV[8])
 local now = nowms()
-local deadline = now + tonumber(ARGV[2])
+local dups, seen, fresh = {}, {}, 0
+for i = 1, n do
+  local base = 8 + (i - 1) * 5
+  local k = tonumber(ARGV[base + 5])
+  dups[i] = ''
+  if k > 0 then
+    local key = KEYS[k]
+    if seen[key] then
+      dups[i] = seen[key]
+    else
+      local prev = redis.call('GET', key)
+      if prev then dups[i] = prev; seen[key] = prev end
+    end
+  end
+  if dups[i] == '' then
+    fresh = fresh + 1
+    if k > 0 then seen[KEYS[k]] = idof(ARGV[base + 1]) end
+  end
+end
+local maxlen = policy().maxlen
+if maxlen > 0 and fresh > 0 then
+  local held = redis.call('LLEN', READY) + redis.call('ZCARD', DELAYED)
+  if held + fresh > maxlen then return {'FULL', held, maxlen} end
+end
+local out = {'OK', 0}
+for i = 1, n do
+  local base = 8 + (i - 1) * 5
+  local e, delay, at, ttl, k = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
+      tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
+  if dups[i] == '' then
+    if ttl > 0 then e = string.sub(e, 1, 16) .. be64(now + ttl) .. string.sub(e, 25) end
+    if k > 0 then redis.call('SET', KEYS[k], idof(e), 'PX', policy().dedup, 'NX') end
+    local due = 0
+    if at > 0 then due = at elseif delay > 0 then due = now + delay end
+    if due > now then schedule(e, due) else pushready(e, false) end
+  end
+  out[#out + 1] = dups[i]
+end
+count('enqueued', fresh)
+out[2] = mindue
+return out
+`)
+
+// claimScript takes up to COUNT messages from the head of the ready list and
+// leases them: each gets a fresh lease id, its delivery count is
+// incremented, and it is stored in the inflight hash with its deadline in the
+// leases zset. Raw elements (pushed by plain Redis clients) are wrapped into
+// an envelope with id "raw-<lease id>" and enqueue time = now. Messages whose
+// ttl passed are dropped or dead-lettered instead. A paused queue gives
+// nothing.
+//
+//	KEYS standard   ARGV[8] COUNT   ARGV[9] lease duration in ms
+//	returns {remaining ready length (-1: paused), lease deadline ms, lid1, envelope1, ...}
+var claimScript = redis.NewScript(luaPrelude + `
+if redis.call('EXISTS', PAUSED) == 1 then return {-1, 0} end
+local els = redis.call('LPOP', READY, tonumber(ARGV[8]))
+local now = nowms()
+local deadline = now + tonumber(ARGV[9])
 if not els then return {0, deadline} end
-local last = redis.call('INCRBY', KEYS[4], #els)
-local out = {redis.call('LLEN', KEYS[1]), deadline}
+local out = {0, deadline}
 local h, z = {}, {}
 for i = 1, #els do
   local e = els[i]
-  local lid = string.format('%d', last - #els + i)
-  if #e >= 22 and string.sub(e, 1, 4) == MAGIC then
-    e = MAGIC .. be32(rd32(e, 5) + 1) .. string.sub(e, 9)
-  else
+  local raw = not (#e >= 40 and string.sub(e, 1, 4) == MAGIC)
+  local lid = string.format('%d', redis.call('INCR', SEQ))
+  if raw then
     local id = 'raw-' .. lid
-    e = MAGIC .. be32(1) .. be32(math.floor(now / 4294967296)) .. be32(now % 4294967296) ..
+    e = MAGIC .. be32(0) .. be64(now) .. be64(0) .. be16(0) .. be32(0) .. be32(0) ..
         be16(#id) .. id .. be32(0) .. e
   end
-  h[#h + 1] = lid; h[#h + 1] = e
-  z[#z + 1] = deadline; z[#z + 1] = lid
-  out[#out + 1] = lid; out[#out + 1] = e
+  if raw or not expired(e, now) then
+    e = setdeliveries(e, deliveries(e) + 1)
+    h[#h + 1] = lid; h[#h + 1] = e
+    z[#z + 1] = deadline; z[#z + 1] = lid
+    out[#out + 1] = lid; out[#out + 1] = e
+  end
 end
-redis.call('HSET', KEYS[2], unpack(h))
-redis.call('ZADD', KEYS[3], unpack(z))
+if #h > 0 then
+  redis.call('HSET', INFLIGHT, unpack(h))
+  redis.call('ZADD', LEASES, unpack(z))
+end
+out[1] = redis.call('LLEN', READY)
 return out
 `)
 
 // popScript takes up to COUNT elements from the head of the ready list for
 // an auto-ack consumer: they leave Redis for good (at-most-once, like BLPOP).
+// Expired messages are dropped or dead-lettered; a paused queue gives
+// nothing.
 //
-//	KEYS[1] ready list
-//	ARGV[1] COUNT
-//	returns {remaining ready length, element1, element2, ...}
-var popScript = redis.NewScript(`
-local els = redis.call('LPOP', KEYS[1], tonumber(ARGV[1]))
+//	KEYS standard   ARGV[8] COUNT
+//	returns {remaining ready length (-1: paused), element1, element2, ...}
+var popScript = redis.NewScript(luaPrelude + `
+if redis.call('EXISTS', PAUSED) == 1 then return {-1} end
+local els = redis.call('LPOP', READY, tonumber(ARGV[8]))
 if not els then return {0} end
-local out = {redis.call('LLEN', KEYS[1])}
-for i = 1, #els do out[#out + 1] = els[i] end
+local now = nowms()
+local out = {0}
+for i = 1, #els do
+  local e = els[i]
+  if not (#e >= 40 and string.sub(e, 1, 4) == MAGIC) or not expired(e, now) then
+    out[#out + 1] = e
+  end
+end
+out[1] = redis.call('LLEN', READY)
 return out
 `)
 
-// settleScript removes leases for good (Ack, and Nack with drop).
+// settleScript removes leases for good: Ack, or Nack with drop.
 //
-//	KEYS[1] inflight hash   KEYS[2] leases zset
-//	ARGV    lease ids
+//	KEYS standard   ARGV[8] counter to bump ("acked" or "nacked")   ARGV[9..] lease ids
 //	returns one integer per lease id: 1 settled, 0 not in flight (stale token)
-var settleScript = redis.NewScript(`
-local out = {}
-for i = 1, #ARGV do
-  out[i] = redis.call('HDEL', KEYS[1], ARGV[i])
-  if out[i] == 1 then redis.call('ZREM', KEYS[2], ARGV[i]) end
+var settleScript = redis.NewScript(luaPrelude + `
+local out, n = {}, 0
+for i = 9, #ARGV do
+  local r = redis.call('HDEL', INFLIGHT, ARGV[i])
+  if r == 1 then
+    redis.call('ZREM', LEASES, ARGV[i])
+    n = n + 1
+  end
+  out[#out + 1] = r
 end
+count(ARGV[8], n)
 return out
 `)
 
-// requeueScript puts leased messages back at the head of the ready list, in
-// their original order (Nack with requeue, a Consume stream that ended,
-// shutdown). Entries no longer in flight are skipped, so a stale lease id can
-// never touch a newer delivery.
+// nackScript gives leased messages back: "requeue" (head of the ready list,
+// or after ARGV[9] ms), "retry" (after the backoff, or ARGV[9] ms), "dead"
+// (to the dead letters), or "end" (a stream ended: like requeue, not counted
+// as a nack). Whatever is to be delivered again but used up its attempts is
+// dead-lettered. Entries no longer in flight are skipped, so a stale lease
+// id never touches a newer delivery.
 //
-//	KEYS[1] ready list   KEYS[2] inflight hash   KEYS[3] leases zset
-//	ARGV[1] "1" if the queue is in raw mode (push bare payloads), else "0"
-//	ARGV[2..] lease ids, oldest delivery first
-//	returns one integer per lease id: 1 requeued, 0 not in flight
-var requeueScript = redis.NewScript(luaPrelude + `
-local out = {}
-for i = #ARGV, 2, -1 do
-  out[i - 1] = requeue(KEYS[1], KEYS[2], KEYS[3], ARGV[i], ARGV[1])
+//	KEYS standard
+//	ARGV[8] action   ARGV[9] delay ms (-1: none)   ARGV[10] error text ("" none)
+//	ARGV[11..] lease ids, oldest delivery first
+//	returns {earliest due ms or 0, then one integer per lease id: 1 done, 0 not in flight}
+var nackScript = redis.NewScript(luaPrelude + `
+local action, delay, errtext = ARGV[8], tonumber(ARGV[9]), ARGV[10]
+if action == 'retry' and delay == 0 then delay = -1 end
+if action ~= 'retry' and delay < 0 then delay = 0 end
+local now = nowms()
+local out = {0}
+local n = 0
+for i = #ARGV, 11, -1 do
+  local lid = ARGV[i]
+  local e = redis.call('HGET', INFLIGHT, lid)
+  out[i - 9] = 0
+  if e then
+    redis.call('HDEL', INFLIGHT, lid)
+    redis.call('ZREM', LEASES, lid)
+    n = n + 1
+    if errtext ~= '' then e = setmeta(e, 2, errtext) end
+    if action == 'dead' then
+      deadletter(e, 'nacked as dead letter', now)
+    else
+      again(e, delay, now)
+    end
+    out[i - 9] = 1
+  end
 end
+if action ~= 'end' then count('nacked', n) end
+out[1] = mindue
 return out
 `)
 
@@ -138,8 +395,9 @@ return out
 //	KEYS[1] leases zset
 //	ARGV[1] lease duration in ms   ARGV[2..] lease ids
 //	returns {new deadline ms, then one integer per lease id: 1 extended, 0 not in flight}
-var extendScript = redis.NewScript(luaPrelude + `
-local deadline = nowms() + tonumber(ARGV[1])
+var extendScript = redis.NewScript(`
+local t = redis.call('TIME')
+local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 local out = {deadline}
 for i = 2, #ARGV do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
@@ -152,21 +410,122 @@ end
 return out
 `)
 
-// reapScript requeues up to LIMIT messages whose lease deadline has passed
-// (their consumer, or the qbridge instance serving it, is gone). Safe to run
-// from several instances at once: each expired lease is requeued once.
+// reapScript handles up to LIMIT messages whose lease ran out (their
+// consumer, or the qbridge instance serving it, is gone): each counts as a
+// failed attempt and goes back to the head of the ready list, or to the dead
+// letters when its attempts are used up. Safe to run from several instances
+// at once: each expired lease is handled once.
 //
-//	KEYS[1] ready list   KEYS[2] inflight hash   KEYS[3] leases zset
-//	ARGV[1] raw mode "1"/"0"   ARGV[2] LIMIT
-//	returns the number of messages requeued
+//	KEYS standard   ARGV[8] LIMIT
+//	returns the number of leases handled
 var reapScript = redis.NewScript(luaPrelude + `
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', nowms(), 'LIMIT', 0, tonumber(ARGV[2]))
+local now = nowms()
+local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
 local n = 0
 for i = #expired, 1, -1 do
-  n = n + requeue(KEYS[1], KEYS[2], KEYS[3], expired[i], ARGV[1])
+  local e = redis.call('HGET', INFLIGHT, expired[i])
+  redis.call('HDEL', INFLIGHT, expired[i])
+  redis.call('ZREM', LEASES, expired[i])
+  if e then
+    n = n + 1
+    again(e, 0, now)
+  end
+end
+count('lease_expired', n)
+return n
+`)
+
+// promoteScript moves up to LIMIT delayed messages whose time has come to
+// the tail of the ready list, in due order. Safe to run from several
+// instances at once: each message is promoted once.
+//
+//	KEYS standard   ARGV[8] LIMIT
+//	returns {messages promoted, next due ms (0: none left), Redis now ms}
+var promoteScript = redis.NewScript(luaPrelude + `
+local now = nowms()
+local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
+for i = 1, #due do
+  local e = redis.call('HGET', SCHED, due[i])
+  redis.call('HDEL', SCHED, due[i])
+  redis.call('ZREM', DELAYED, due[i])
+  if e then pushready(e, false) end
+end
+local nxt = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')
+local nextdue = 0
+if #nxt > 0 then nextdue = tonumber(nxt[2]) end
+return {#due, nextdue, now}
+`)
+
+// purgeScript removes every ready and delayed message.
+//
+//	KEYS standard
+//	returns the number of messages removed
+var purgeScript = redis.NewScript(luaPrelude + `
+local n = redis.call('LLEN', READY) + redis.call('ZCARD', DELAYED)
+redis.call('DEL', READY, DELAYED, SCHED)
+return n
+`)
+
+// replayScript moves dead letters back to the tail of the ready list with
+// their delivery count reset and their dead-letter fields removed.
+//
+//	KEYS standard   ARGV[8] "all" or "ids"   ARGV[9..] dead ids
+//	returns the number of dead letters replayed
+var replayScript = redis.NewScript(luaPrelude + `
+local ids = {}
+if ARGV[8] == 'all' then
+  ids = redis.call('ZRANGE', DEADIDX, 0, -1)
+else
+  for i = 9, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
+local n = 0
+for _, id in ipairs(ids) do
+  local e = redis.call('HGET', DEAD, id)
+  if e then
+    redis.call('HDEL', DEAD, id)
+    redis.call('ZREM', DEADIDX, id)
+    e = setdeliveries(setmeta(setmeta(e, 3, nil), 4, nil), 0)
+    pushready(e, false)
+    n = n + 1
+  end
 end
 return n
 `)
 
+// deleteDeadScript removes dead letters for good.
+//
+//	KEYS standard   ARGV[8] "all" or "ids"   ARGV[9..] dead ids
+//	returns the number of dead letters removed
+var deleteDeadScript = redis.NewScript(luaPrelude + `
+if ARGV[8] == 'all' then
+  local n = redis.call('ZCARD', DEADIDX)
+  redis.call('DEL', DEAD, DEADIDX)
+  return n
+end
+local n = 0
+for i = 9, #ARGV do
+  if redis.call('HDEL', DEAD, ARGV[i]) == 1 then
+    redis.call('ZREM', DEADIDX, ARGV[i])
+    n = n + 1
+  end
+end
+return n
+`)
+
+// deleteQueueScript removes a queue's keys. The lease id counter stays, so
+// lease ids are never reused and old ack tokens stay stale.
+//
+//	KEYS standard   ARGV[8] "force" or ""
+//	returns {"OK"} or {"INFLIGHT", messages in flight}
+var deleteQueueScript = redis.NewScript(luaPrelude + `
+local inflight = redis.call('HLEN', INFLIGHT)
+if inflight > 0 and ARGV[8] ~= 'force' then return {'INFLIGHT', inflight} end
+redis.call('DEL', READY, INFLIGHT, LEASES, DELAYED, SCHED, DEAD, DEADIDX, CONFIG, COUNTERS, PAUSED)
+return {'OK'}
+`)
+
 // allScripts lists every script, for loading them up front.
-var allScripts = []*redis.Script{claimScript, popScript, settleScript, requeueScript, extendScript, reapScript}
+var allScripts = []*redis.Script{
+	enqueueScript, claimScript, popScript, settleScript, nackScript, extendScript,
+	reapScript, promoteScript, purgeScript, replayScript, deleteDeadScript, deleteQueueScript,
+}

@@ -23,17 +23,23 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// NackAction says what Nack does with a delivery.
+// NackAction says what Nack does with a delivery. Whenever a message is to
+// be delivered again but has used up its retry policy's max_attempts, it is
+// dead-lettered instead.
 type NackAction int32
 
 const (
 	// Same as NACK_ACTION_REQUEUE.
 	NackAction_NACK_ACTION_UNSPECIFIED NackAction = 0
-	// Put the message back at the head of its queue to be delivered again,
-	// with the same id and attempt + 1.
+	// Put the message back at the head of its queue to be delivered again at
+	// once (or after retry_delay), with the same id and attempt + 1.
 	NackAction_NACK_ACTION_REQUEUE NackAction = 1
 	// Remove the message for good.
 	NackAction_NACK_ACTION_DROP NackAction = 2
+	// Deliver it again after the retry policy's backoff (or retry_delay).
+	NackAction_NACK_ACTION_RETRY NackAction = 3
+	// Do not retry: move it to the queue's dead letters now.
+	NackAction_NACK_ACTION_DEAD_LETTER NackAction = 4
 )
 
 // Enum value maps for NackAction.
@@ -42,11 +48,15 @@ var (
 		0: "NACK_ACTION_UNSPECIFIED",
 		1: "NACK_ACTION_REQUEUE",
 		2: "NACK_ACTION_DROP",
+		3: "NACK_ACTION_RETRY",
+		4: "NACK_ACTION_DEAD_LETTER",
 	}
 	NackAction_value = map[string]int32{
 		"NACK_ACTION_UNSPECIFIED": 0,
 		"NACK_ACTION_REQUEUE":     1,
 		"NACK_ACTION_DROP":        2,
+		"NACK_ACTION_RETRY":       3,
+		"NACK_ACTION_DEAD_LETTER": 4,
 	}
 )
 
@@ -90,7 +100,25 @@ type EnqueueRequest struct {
 	Headers map[string]string `protobuf:"bytes,3,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Optional client-chosen message id (1-128 bytes, printable ASCII without
 	// spaces). When empty the server assigns a UUIDv7.
-	Id            string `protobuf:"bytes,4,opt,name=id,proto3" json:"id,omitempty"`
+	Id string `protobuf:"bytes,4,opt,name=id,proto3" json:"id,omitempty"`
+	// Deliver no earlier than this long from now (0 to 365 days).
+	Delay *durationpb.Duration `protobuf:"bytes,5,opt,name=delay,proto3" json:"delay,omitempty"`
+	// Deliver no earlier than this time. At most one of delay and deliver_at.
+	DeliverAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=deliver_at,json=deliverAt,proto3" json:"deliver_at,omitempty"`
+	// Idempotency key (same rules as an id): while the queue's dedup window
+	// (10 minutes by default) has not passed since the first Enqueue with this
+	// key, another Enqueue with it enqueues nothing and returns the first
+	// message's id. Lets clients retry an Enqueue safely.
+	DedupKey string `protobuf:"bytes,7,opt,name=dedup_key,json=dedupKey,proto3" json:"dedup_key,omitempty"`
+	// Drop (or dead-letter, per the queue's expired_action) the message if it
+	// has not been delivered within this time. Unset: never expires.
+	Ttl *durationpb.Duration `protobuf:"bytes,8,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// Overrides the queue's retry policy for this message.
+	RetryPolicy *RetryPolicy `protobuf:"bytes,9,opt,name=retry_policy,json=retryPolicy,proto3" json:"retry_policy,omitempty"`
+	// When the queue has a max_length and is full: false (default) fails with
+	// RESOURCE_EXHAUSTED at once; true waits for room until the call's
+	// deadline.
+	WaitForRoom   bool `protobuf:"varint,10,opt,name=wait_for_room,json=waitForRoom,proto3" json:"wait_for_room,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -153,18 +181,132 @@ func (x *EnqueueRequest) GetId() string {
 	return ""
 }
 
+func (x *EnqueueRequest) GetDelay() *durationpb.Duration {
+	if x != nil {
+		return x.Delay
+	}
+	return nil
+}
+
+func (x *EnqueueRequest) GetDeliverAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DeliverAt
+	}
+	return nil
+}
+
+func (x *EnqueueRequest) GetDedupKey() string {
+	if x != nil {
+		return x.DedupKey
+	}
+	return ""
+}
+
+func (x *EnqueueRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *EnqueueRequest) GetRetryPolicy() *RetryPolicy {
+	if x != nil {
+		return x.RetryPolicy
+	}
+	return nil
+}
+
+func (x *EnqueueRequest) GetWaitForRoom() bool {
+	if x != nil {
+		return x.WaitForRoom
+	}
+	return false
+}
+
+// RetryPolicy says how often a message is delivered before it is
+// dead-lettered, and how long a retry waits. Zero fields mean "the queue's
+// setting" (or the server's default).
+type RetryPolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Deliveries before the message is dead-lettered (1 to 1000). A lease that
+	// expires, a stream that ends and a Nack all count.
+	MaxAttempts uint32 `protobuf:"varint,1,opt,name=max_attempts,json=maxAttempts,proto3" json:"max_attempts,omitempty"`
+	// Backoff before the first retry. Retry n waits a random time up to
+	// min(max_backoff, min_backoff * 2^(n-1)) ("full jitter"), at least 10% of
+	// that bound.
+	MinBackoff *durationpb.Duration `protobuf:"bytes,2,opt,name=min_backoff,json=minBackoff,proto3" json:"min_backoff,omitempty"`
+	// The longest backoff.
+	MaxBackoff    *durationpb.Duration `protobuf:"bytes,3,opt,name=max_backoff,json=maxBackoff,proto3" json:"max_backoff,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RetryPolicy) Reset() {
+	*x = RetryPolicy{}
+	mi := &file_qbridge_v1_queue_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetryPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetryPolicy) ProtoMessage() {}
+
+func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_qbridge_v1_queue_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetryPolicy.ProtoReflect.Descriptor instead.
+func (*RetryPolicy) Descriptor() ([]byte, []int) {
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RetryPolicy) GetMaxAttempts() uint32 {
+	if x != nil {
+		return x.MaxAttempts
+	}
+	return 0
+}
+
+func (x *RetryPolicy) GetMinBackoff() *durationpb.Duration {
+	if x != nil {
+		return x.MinBackoff
+	}
+	return nil
+}
+
+func (x *RetryPolicy) GetMaxBackoff() *durationpb.Duration {
+	if x != nil {
+		return x.MaxBackoff
+	}
+	return nil
+}
+
 // EnqueueResponse returns the id of the enqueued message.
 type EnqueueResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The message id: the client-chosen one, or the one the server assigned.
-	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// For a deduplicated Enqueue, the id of the first message with the key.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// True when dedup_key matched an earlier message and nothing was enqueued.
+	Duplicate     bool `protobuf:"varint,2,opt,name=duplicate,proto3" json:"duplicate,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EnqueueResponse) Reset() {
 	*x = EnqueueResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[1]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -176,7 +318,7 @@ func (x *EnqueueResponse) String() string {
 func (*EnqueueResponse) ProtoMessage() {}
 
 func (x *EnqueueResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[1]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -189,7 +331,7 @@ func (x *EnqueueResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnqueueResponse.ProtoReflect.Descriptor instead.
 func (*EnqueueResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{1}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *EnqueueResponse) GetId() string {
@@ -197,6 +339,13 @@ func (x *EnqueueResponse) GetId() string {
 		return x.Id
 	}
 	return ""
+}
+
+func (x *EnqueueResponse) GetDuplicate() bool {
+	if x != nil {
+		return x.Duplicate
+	}
+	return false
 }
 
 // EnqueueBatchRequest asks to append several messages to one queue, all or
@@ -207,14 +356,16 @@ type EnqueueBatchRequest struct {
 	Queue string `protobuf:"bytes,1,opt,name=queue,proto3" json:"queue,omitempty"`
 	// The messages, in queue order. At least one, at most the server's batch
 	// limit (1000 by default).
-	Messages      []*BatchMessage `protobuf:"bytes,2,rep,name=messages,proto3" json:"messages,omitempty"`
+	Messages []*BatchMessage `protobuf:"bytes,2,rep,name=messages,proto3" json:"messages,omitempty"`
+	// See EnqueueRequest.wait_for_room; the whole batch must fit.
+	WaitForRoom   bool `protobuf:"varint,3,opt,name=wait_for_room,json=waitForRoom,proto3" json:"wait_for_room,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EnqueueBatchRequest) Reset() {
 	*x = EnqueueBatchRequest{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[2]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -226,7 +377,7 @@ func (x *EnqueueBatchRequest) String() string {
 func (*EnqueueBatchRequest) ProtoMessage() {}
 
 func (x *EnqueueBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[2]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -239,7 +390,7 @@ func (x *EnqueueBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnqueueBatchRequest.ProtoReflect.Descriptor instead.
 func (*EnqueueBatchRequest) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{2}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *EnqueueBatchRequest) GetQueue() string {
@@ -256,6 +407,13 @@ func (x *EnqueueBatchRequest) GetMessages() []*BatchMessage {
 	return nil
 }
 
+func (x *EnqueueBatchRequest) GetWaitForRoom() bool {
+	if x != nil {
+		return x.WaitForRoom
+	}
+	return false
+}
+
 // BatchMessage is one message of an EnqueueBatchRequest.
 type BatchMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -264,14 +422,24 @@ type BatchMessage struct {
 	// Optional headers (see EnqueueRequest.headers).
 	Headers map[string]string `protobuf:"bytes,2,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Optional client-chosen id (see EnqueueRequest.id).
-	Id            string `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	Id string `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	// See EnqueueRequest.delay.
+	Delay *durationpb.Duration `protobuf:"bytes,4,opt,name=delay,proto3" json:"delay,omitempty"`
+	// See EnqueueRequest.deliver_at.
+	DeliverAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=deliver_at,json=deliverAt,proto3" json:"deliver_at,omitempty"`
+	// See EnqueueRequest.dedup_key.
+	DedupKey string `protobuf:"bytes,6,opt,name=dedup_key,json=dedupKey,proto3" json:"dedup_key,omitempty"`
+	// See EnqueueRequest.ttl.
+	Ttl *durationpb.Duration `protobuf:"bytes,7,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// See EnqueueRequest.retry_policy.
+	RetryPolicy   *RetryPolicy `protobuf:"bytes,8,opt,name=retry_policy,json=retryPolicy,proto3" json:"retry_policy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BatchMessage) Reset() {
 	*x = BatchMessage{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[3]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -283,7 +451,7 @@ func (x *BatchMessage) String() string {
 func (*BatchMessage) ProtoMessage() {}
 
 func (x *BatchMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[3]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -296,7 +464,7 @@ func (x *BatchMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchMessage.ProtoReflect.Descriptor instead.
 func (*BatchMessage) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{3}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *BatchMessage) GetPayload() []byte {
@@ -320,18 +488,55 @@ func (x *BatchMessage) GetId() string {
 	return ""
 }
 
+func (x *BatchMessage) GetDelay() *durationpb.Duration {
+	if x != nil {
+		return x.Delay
+	}
+	return nil
+}
+
+func (x *BatchMessage) GetDeliverAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DeliverAt
+	}
+	return nil
+}
+
+func (x *BatchMessage) GetDedupKey() string {
+	if x != nil {
+		return x.DedupKey
+	}
+	return ""
+}
+
+func (x *BatchMessage) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *BatchMessage) GetRetryPolicy() *RetryPolicy {
+	if x != nil {
+		return x.RetryPolicy
+	}
+	return nil
+}
+
 // EnqueueBatchResponse returns the ids of the enqueued messages.
 type EnqueueBatchResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// One id per request message, in the same order.
-	Ids           []string `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	Ids []string `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	// duplicate[i] is true when messages[i] was deduplicated (not enqueued).
+	Duplicate     []bool `protobuf:"varint,2,rep,packed,name=duplicate,proto3" json:"duplicate,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EnqueueBatchResponse) Reset() {
 	*x = EnqueueBatchResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[4]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -343,7 +548,7 @@ func (x *EnqueueBatchResponse) String() string {
 func (*EnqueueBatchResponse) ProtoMessage() {}
 
 func (x *EnqueueBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[4]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -356,12 +561,19 @@ func (x *EnqueueBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnqueueBatchResponse.ProtoReflect.Descriptor instead.
 func (*EnqueueBatchResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{4}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *EnqueueBatchResponse) GetIds() []string {
 	if x != nil {
 		return x.Ids
+	}
+	return nil
+}
+
+func (x *EnqueueBatchResponse) GetDuplicate() []bool {
+	if x != nil {
+		return x.Duplicate
 	}
 	return nil
 }
@@ -383,14 +595,18 @@ type ConsumeRequest struct {
 	// plain BLPOP (at-most-once; a crash can lose them). They carry no ack
 	// token and need no Ack. max_in_flight then bounds what is taken ahead of
 	// the client.
-	AutoAck       bool `protobuf:"varint,4,opt,name=auto_ack,json=autoAck,proto3" json:"auto_ack,omitempty"`
+	AutoAck bool `protobuf:"varint,4,opt,name=auto_ack,json=autoAck,proto3" json:"auto_ack,omitempty"`
+	// Several queues in strict priority order, highest first: a delivery
+	// always comes from the first non-empty queue. Use instead of `queue`
+	// (at most 16).
+	Queues        []string `protobuf:"bytes,5,rep,name=queues,proto3" json:"queues,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ConsumeRequest) Reset() {
 	*x = ConsumeRequest{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[5]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -402,7 +618,7 @@ func (x *ConsumeRequest) String() string {
 func (*ConsumeRequest) ProtoMessage() {}
 
 func (x *ConsumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[5]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -415,7 +631,7 @@ func (x *ConsumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsumeRequest.ProtoReflect.Descriptor instead.
 func (*ConsumeRequest) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{5}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ConsumeRequest) GetQueue() string {
@@ -446,6 +662,13 @@ func (x *ConsumeRequest) GetAutoAck() bool {
 	return false
 }
 
+func (x *ConsumeRequest) GetQueues() []string {
+	if x != nil {
+		return x.Queues
+	}
+	return nil
+}
+
 // ConsumeResponse carries one or more deliveries.
 type ConsumeResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -458,7 +681,7 @@ type ConsumeResponse struct {
 
 func (x *ConsumeResponse) Reset() {
 	*x = ConsumeResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[6]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -470,7 +693,7 @@ func (x *ConsumeResponse) String() string {
 func (*ConsumeResponse) ProtoMessage() {}
 
 func (x *ConsumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[6]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -483,7 +706,7 @@ func (x *ConsumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsumeResponse.ProtoReflect.Descriptor instead.
 func (*ConsumeResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{6}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ConsumeResponse) GetDeliveries() []*Delivery {
@@ -514,14 +737,16 @@ type Delivery struct {
 	// When the lease runs out unless extended. Unset with auto_ack.
 	LeaseDeadline *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=lease_deadline,json=leaseDeadline,proto3" json:"lease_deadline,omitempty"`
 	// The queue the message came from.
-	Queue         string `protobuf:"bytes,8,opt,name=queue,proto3" json:"queue,omitempty"`
+	Queue string `protobuf:"bytes,8,opt,name=queue,proto3" json:"queue,omitempty"`
+	// The error text of the latest Nack of this message, if any.
+	LastError     string `protobuf:"bytes,9,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Delivery) Reset() {
 	*x = Delivery{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[7]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -533,7 +758,7 @@ func (x *Delivery) String() string {
 func (*Delivery) ProtoMessage() {}
 
 func (x *Delivery) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[7]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -546,7 +771,7 @@ func (x *Delivery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Delivery.ProtoReflect.Descriptor instead.
 func (*Delivery) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{7}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Delivery) GetId() string {
@@ -605,6 +830,13 @@ func (x *Delivery) GetQueue() string {
 	return ""
 }
 
+func (x *Delivery) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
 // AckRequest settles deliveries.
 type AckRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -616,7 +848,7 @@ type AckRequest struct {
 
 func (x *AckRequest) Reset() {
 	*x = AckRequest{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[8]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -628,7 +860,7 @@ func (x *AckRequest) String() string {
 func (*AckRequest) ProtoMessage() {}
 
 func (x *AckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[8]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -641,7 +873,7 @@ func (x *AckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckRequest.ProtoReflect.Descriptor instead.
 func (*AckRequest) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{8}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *AckRequest) GetAckTokens() []string {
@@ -662,7 +894,7 @@ type AckResponse struct {
 
 func (x *AckResponse) Reset() {
 	*x = AckResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[9]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -674,7 +906,7 @@ func (x *AckResponse) String() string {
 func (*AckResponse) ProtoMessage() {}
 
 func (x *AckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[9]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -687,7 +919,7 @@ func (x *AckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckResponse.ProtoReflect.Descriptor instead.
 func (*AckResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{9}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *AckResponse) GetAcked() uint32 {
@@ -703,14 +935,20 @@ type NackRequest struct {
 	// Ack tokens from Delivery.ack_token; any queues, at most 1000.
 	AckTokens []string `protobuf:"bytes,1,rep,name=ack_tokens,json=ackTokens,proto3" json:"ack_tokens,omitempty"`
 	// What to do with the messages. Requeue by default.
-	Action        NackAction `protobuf:"varint,2,opt,name=action,proto3,enum=qbridge.v1.NackAction" json:"action,omitempty"`
+	Action NackAction `protobuf:"varint,2,opt,name=action,proto3,enum=qbridge.v1.NackAction" json:"action,omitempty"`
+	// With REQUEUE or RETRY: deliver again after this delay (0 to 365 days)
+	// instead of at once or after the policy's backoff.
+	RetryDelay *durationpb.Duration `protobuf:"bytes,3,opt,name=retry_delay,json=retryDelay,proto3" json:"retry_delay,omitempty"`
+	// Why processing failed (at most 4 KiB). Kept with the message: shown as
+	// Delivery.last_error and in its dead letter.
+	Error         string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NackRequest) Reset() {
 	*x = NackRequest{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[10]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -722,7 +960,7 @@ func (x *NackRequest) String() string {
 func (*NackRequest) ProtoMessage() {}
 
 func (x *NackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[10]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -735,7 +973,7 @@ func (x *NackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NackRequest.ProtoReflect.Descriptor instead.
 func (*NackRequest) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{10}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *NackRequest) GetAckTokens() []string {
@@ -752,6 +990,20 @@ func (x *NackRequest) GetAction() NackAction {
 	return NackAction_NACK_ACTION_UNSPECIFIED
 }
 
+func (x *NackRequest) GetRetryDelay() *durationpb.Duration {
+	if x != nil {
+		return x.RetryDelay
+	}
+	return nil
+}
+
+func (x *NackRequest) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 // NackResponse reports a successful Nack.
 type NackResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -763,7 +1015,7 @@ type NackResponse struct {
 
 func (x *NackResponse) Reset() {
 	*x = NackResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[11]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -775,7 +1027,7 @@ func (x *NackResponse) String() string {
 func (*NackResponse) ProtoMessage() {}
 
 func (x *NackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[11]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -788,7 +1040,7 @@ func (x *NackResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NackResponse.ProtoReflect.Descriptor instead.
 func (*NackResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{11}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *NackResponse) GetNacked() uint32 {
@@ -812,7 +1064,7 @@ type ExtendLeaseRequest struct {
 
 func (x *ExtendLeaseRequest) Reset() {
 	*x = ExtendLeaseRequest{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[12]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -824,7 +1076,7 @@ func (x *ExtendLeaseRequest) String() string {
 func (*ExtendLeaseRequest) ProtoMessage() {}
 
 func (x *ExtendLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[12]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -837,7 +1089,7 @@ func (x *ExtendLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendLeaseRequest.ProtoReflect.Descriptor instead.
 func (*ExtendLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{12}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ExtendLeaseRequest) GetAckTokens() []string {
@@ -865,7 +1117,7 @@ type ExtendLeaseResponse struct {
 
 func (x *ExtendLeaseResponse) Reset() {
 	*x = ExtendLeaseResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[13]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -877,7 +1129,7 @@ func (x *ExtendLeaseResponse) String() string {
 func (*ExtendLeaseResponse) ProtoMessage() {}
 
 func (x *ExtendLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[13]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -890,7 +1142,7 @@ func (x *ExtendLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendLeaseResponse.ProtoReflect.Descriptor instead.
 func (*ExtendLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{13}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ExtendLeaseResponse) GetLeaseDeadline() *timestamppb.Timestamp {
@@ -913,7 +1165,7 @@ type PublishRequest struct {
 
 func (x *PublishRequest) Reset() {
 	*x = PublishRequest{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[14]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -925,7 +1177,7 @@ func (x *PublishRequest) String() string {
 func (*PublishRequest) ProtoMessage() {}
 
 func (x *PublishRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[14]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -938,7 +1190,7 @@ func (x *PublishRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishRequest.ProtoReflect.Descriptor instead.
 func (*PublishRequest) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{14}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PublishRequest) GetChannel() string {
@@ -969,7 +1221,7 @@ type PublishResponse struct {
 
 func (x *PublishResponse) Reset() {
 	*x = PublishResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[15]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -981,7 +1233,7 @@ func (x *PublishResponse) String() string {
 func (*PublishResponse) ProtoMessage() {}
 
 func (x *PublishResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[15]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -994,7 +1246,7 @@ func (x *PublishResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishResponse.ProtoReflect.Descriptor instead.
 func (*PublishResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{15}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *PublishResponse) GetReceivers() int64 {
@@ -1018,7 +1270,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[16]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1030,7 +1282,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[16]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1043,7 +1295,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{16}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SubscribeRequest) GetChannels() []string {
@@ -1076,7 +1328,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[17]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1088,7 +1340,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[17]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1101,7 +1353,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{17}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SubscribeResponse) GetEvent() isSubscribeResponse_Event {
@@ -1160,7 +1412,7 @@ type Subscribed struct {
 
 func (x *Subscribed) Reset() {
 	*x = Subscribed{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[18]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1172,7 +1424,7 @@ func (x *Subscribed) String() string {
 func (*Subscribed) ProtoMessage() {}
 
 func (x *Subscribed) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[18]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1185,7 +1437,7 @@ func (x *Subscribed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Subscribed.ProtoReflect.Descriptor instead.
 func (*Subscribed) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{18}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Subscribed) GetChannels() []string {
@@ -1217,7 +1469,7 @@ type PubSubMessage struct {
 
 func (x *PubSubMessage) Reset() {
 	*x = PubSubMessage{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[19]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1229,7 +1481,7 @@ func (x *PubSubMessage) String() string {
 func (*PubSubMessage) ProtoMessage() {}
 
 func (x *PubSubMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[19]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1242,7 +1494,7 @@ func (x *PubSubMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PubSubMessage.ProtoReflect.Descriptor instead.
 func (*PubSubMessage) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{19}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PubSubMessage) GetChannel() string {
@@ -1277,7 +1529,7 @@ type GetQueueStatsRequest struct {
 
 func (x *GetQueueStatsRequest) Reset() {
 	*x = GetQueueStatsRequest{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[20]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1289,7 +1541,7 @@ func (x *GetQueueStatsRequest) String() string {
 func (*GetQueueStatsRequest) ProtoMessage() {}
 
 func (x *GetQueueStatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[20]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1302,7 +1554,7 @@ func (x *GetQueueStatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetQueueStatsRequest.ProtoReflect.Descriptor instead.
 func (*GetQueueStatsRequest) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{20}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetQueueStatsRequest) GetQueue() string {
@@ -1320,14 +1572,31 @@ type GetQueueStatsResponse struct {
 	// Messages waiting to be delivered (the length of the Redis list).
 	Ready int64 `protobuf:"varint,2,opt,name=ready,proto3" json:"ready,omitempty"`
 	// Messages delivered and not yet acked, nacked or expired.
-	InFlight      int64 `protobuf:"varint,3,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	InFlight int64 `protobuf:"varint,3,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	// Messages waiting for their delivery time (delayed, scheduled, or
+	// retrying after a backoff).
+	Delayed int64 `protobuf:"varint,4,opt,name=delayed,proto3" json:"delayed,omitempty"`
+	// Dead letters.
+	Dead int64 `protobuf:"varint,5,opt,name=dead,proto3" json:"dead,omitempty"`
+	// How long the message at the head of the queue has been waiting. Unset
+	// when the queue is empty or the head was pushed by a plain Redis client.
+	OldestReadyAge *durationpb.Duration `protobuf:"bytes,6,opt,name=oldest_ready_age,json=oldestReadyAge,proto3" json:"oldest_ready_age,omitempty"`
+	// Messages enqueued per second over the last minute (0 until the server
+	// has watched the queue for a few seconds).
+	EnqueueRate float64 `protobuf:"fixed64,7,opt,name=enqueue_rate,json=enqueueRate,proto3" json:"enqueue_rate,omitempty"`
+	// Messages acked per second over the last minute.
+	AckRate float64 `protobuf:"fixed64,8,opt,name=ack_rate,json=ackRate,proto3" json:"ack_rate,omitempty"`
+	// Whether the queue is paused.
+	Paused bool `protobuf:"varint,9,opt,name=paused,proto3" json:"paused,omitempty"`
+	// Totals since the queue's counters began.
+	Counters      *QueueCounters `protobuf:"bytes,10,opt,name=counters,proto3" json:"counters,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetQueueStatsResponse) Reset() {
 	*x = GetQueueStatsResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[21]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1339,7 +1608,7 @@ func (x *GetQueueStatsResponse) String() string {
 func (*GetQueueStatsResponse) ProtoMessage() {}
 
 func (x *GetQueueStatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[21]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1352,7 +1621,7 @@ func (x *GetQueueStatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetQueueStatsResponse.ProtoReflect.Descriptor instead.
 func (*GetQueueStatsResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{21}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetQueueStatsResponse) GetQueue() string {
@@ -1376,43 +1645,207 @@ func (x *GetQueueStatsResponse) GetInFlight() int64 {
 	return 0
 }
 
+func (x *GetQueueStatsResponse) GetDelayed() int64 {
+	if x != nil {
+		return x.Delayed
+	}
+	return 0
+}
+
+func (x *GetQueueStatsResponse) GetDead() int64 {
+	if x != nil {
+		return x.Dead
+	}
+	return 0
+}
+
+func (x *GetQueueStatsResponse) GetOldestReadyAge() *durationpb.Duration {
+	if x != nil {
+		return x.OldestReadyAge
+	}
+	return nil
+}
+
+func (x *GetQueueStatsResponse) GetEnqueueRate() float64 {
+	if x != nil {
+		return x.EnqueueRate
+	}
+	return 0
+}
+
+func (x *GetQueueStatsResponse) GetAckRate() float64 {
+	if x != nil {
+		return x.AckRate
+	}
+	return 0
+}
+
+func (x *GetQueueStatsResponse) GetPaused() bool {
+	if x != nil {
+		return x.Paused
+	}
+	return false
+}
+
+func (x *GetQueueStatsResponse) GetCounters() *QueueCounters {
+	if x != nil {
+		return x.Counters
+	}
+	return nil
+}
+
+// QueueCounters are a queue's event totals.
+type QueueCounters struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Messages enqueued through qbridge (deduplicated ones excluded).
+	Enqueued int64 `protobuf:"varint,1,opt,name=enqueued,proto3" json:"enqueued,omitempty"`
+	// Deliveries acked.
+	Acked int64 `protobuf:"varint,2,opt,name=acked,proto3" json:"acked,omitempty"`
+	// Deliveries nacked.
+	Nacked int64 `protobuf:"varint,3,opt,name=nacked,proto3" json:"nacked,omitempty"`
+	// Deliveries whose lease expired.
+	LeaseExpired int64 `protobuf:"varint,4,opt,name=lease_expired,json=leaseExpired,proto3" json:"lease_expired,omitempty"`
+	// Messages moved to the dead letters.
+	DeadLettered int64 `protobuf:"varint,5,opt,name=dead_lettered,json=deadLettered,proto3" json:"dead_lettered,omitempty"`
+	// Messages dropped or dead-lettered because their ttl passed.
+	Expired       int64 `protobuf:"varint,6,opt,name=expired,proto3" json:"expired,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueueCounters) Reset() {
+	*x = QueueCounters{}
+	mi := &file_qbridge_v1_queue_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueueCounters) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueueCounters) ProtoMessage() {}
+
+func (x *QueueCounters) ProtoReflect() protoreflect.Message {
+	mi := &file_qbridge_v1_queue_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueueCounters.ProtoReflect.Descriptor instead.
+func (*QueueCounters) Descriptor() ([]byte, []int) {
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *QueueCounters) GetEnqueued() int64 {
+	if x != nil {
+		return x.Enqueued
+	}
+	return 0
+}
+
+func (x *QueueCounters) GetAcked() int64 {
+	if x != nil {
+		return x.Acked
+	}
+	return 0
+}
+
+func (x *QueueCounters) GetNacked() int64 {
+	if x != nil {
+		return x.Nacked
+	}
+	return 0
+}
+
+func (x *QueueCounters) GetLeaseExpired() int64 {
+	if x != nil {
+		return x.LeaseExpired
+	}
+	return 0
+}
+
+func (x *QueueCounters) GetDeadLettered() int64 {
+	if x != nil {
+		return x.DeadLettered
+	}
+	return 0
+}
+
+func (x *QueueCounters) GetExpired() int64 {
+	if x != nil {
+		return x.Expired
+	}
+	return 0
+}
+
 var File_qbridge_v1_queue_proto protoreflect.FileDescriptor
 
 const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\n" +
 	"\x16qbridge/v1/queue.proto\x12\n" +
-	"qbridge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n" +
+	"qbridge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x03\n" +
 	"\x0eEnqueueRequest\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12A\n" +
 	"\aheaders\x18\x03 \x03(\v2'.qbridge.v1.EnqueueRequest.HeadersEntryR\aheaders\x12\x0e\n" +
-	"\x02id\x18\x04 \x01(\tR\x02id\x1a:\n" +
+	"\x02id\x18\x04 \x01(\tR\x02id\x12/\n" +
+	"\x05delay\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x05delay\x129\n" +
+	"\n" +
+	"deliver_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tdeliverAt\x12\x1b\n" +
+	"\tdedup_key\x18\a \x01(\tR\bdedupKey\x12+\n" +
+	"\x03ttl\x18\b \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12:\n" +
+	"\fretry_policy\x18\t \x01(\v2\x17.qbridge.v1.RetryPolicyR\vretryPolicy\x12\"\n" +
+	"\rwait_for_room\x18\n" +
+	" \x01(\bR\vwaitForRoom\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"!\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa8\x01\n" +
+	"\vRetryPolicy\x12!\n" +
+	"\fmax_attempts\x18\x01 \x01(\rR\vmaxAttempts\x12:\n" +
+	"\vmin_backoff\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"minBackoff\x12:\n" +
+	"\vmax_backoff\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"maxBackoff\"?\n" +
 	"\x0fEnqueueResponse\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"a\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1c\n" +
+	"\tduplicate\x18\x02 \x01(\bR\tduplicate\"\x85\x01\n" +
 	"\x13EnqueueBatchRequest\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x124\n" +
-	"\bmessages\x18\x02 \x03(\v2\x18.qbridge.v1.BatchMessageR\bmessages\"\xb5\x01\n" +
+	"\bmessages\x18\x02 \x03(\v2\x18.qbridge.v1.BatchMessageR\bmessages\x12\"\n" +
+	"\rwait_for_room\x18\x03 \x01(\bR\vwaitForRoom\"\xa7\x03\n" +
 	"\fBatchMessage\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\x12?\n" +
 	"\aheaders\x18\x02 \x03(\v2%.qbridge.v1.BatchMessage.HeadersEntryR\aheaders\x12\x0e\n" +
-	"\x02id\x18\x03 \x01(\tR\x02id\x1a:\n" +
+	"\x02id\x18\x03 \x01(\tR\x02id\x12/\n" +
+	"\x05delay\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x05delay\x129\n" +
+	"\n" +
+	"deliver_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tdeliverAt\x12\x1b\n" +
+	"\tdedup_key\x18\x06 \x01(\tR\bdedupKey\x12+\n" +
+	"\x03ttl\x18\a \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12:\n" +
+	"\fretry_policy\x18\b \x01(\v2\x17.qbridge.v1.RetryPolicyR\vretryPolicy\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"(\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"F\n" +
 	"\x14EnqueueBatchResponse\x12\x10\n" +
-	"\x03ids\x18\x01 \x03(\tR\x03ids\"\xa7\x01\n" +
+	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x1c\n" +
+	"\tduplicate\x18\x02 \x03(\bR\tduplicate\"\xbf\x01\n" +
 	"\x0eConsumeRequest\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\"\n" +
 	"\rmax_in_flight\x18\x02 \x01(\rR\vmaxInFlight\x12@\n" +
 	"\x0elease_duration\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\rleaseDuration\x12\x19\n" +
-	"\bauto_ack\x18\x04 \x01(\bR\aautoAck\"G\n" +
+	"\bauto_ack\x18\x04 \x01(\bR\aautoAck\x12\x16\n" +
+	"\x06queues\x18\x05 \x03(\tR\x06queues\"G\n" +
 	"\x0fConsumeResponse\x124\n" +
 	"\n" +
 	"deliveries\x18\x01 \x03(\v2\x14.qbridge.v1.DeliveryR\n" +
-	"deliveries\"\xfc\x02\n" +
+	"deliveries\"\x9b\x03\n" +
 	"\bDelivery\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12;\n" +
@@ -1421,7 +1854,9 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\aattempt\x18\x05 \x01(\rR\aattempt\x12\x1b\n" +
 	"\tack_token\x18\x06 \x01(\tR\backToken\x12A\n" +
 	"\x0elease_deadline\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\rleaseDeadline\x12\x14\n" +
-	"\x05queue\x18\b \x01(\tR\x05queue\x1a:\n" +
+	"\x05queue\x18\b \x01(\tR\x05queue\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\t \x01(\tR\tlastError\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"+\n" +
@@ -1430,11 +1865,14 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\n" +
 	"ack_tokens\x18\x01 \x03(\tR\tackTokens\"#\n" +
 	"\vAckResponse\x12\x14\n" +
-	"\x05acked\x18\x01 \x01(\rR\x05acked\"\\\n" +
+	"\x05acked\x18\x01 \x01(\rR\x05acked\"\xae\x01\n" +
 	"\vNackRequest\x12\x1d\n" +
 	"\n" +
 	"ack_tokens\x18\x01 \x03(\tR\tackTokens\x12.\n" +
-	"\x06action\x18\x02 \x01(\x0e2\x16.qbridge.v1.NackActionR\x06action\"&\n" +
+	"\x06action\x18\x02 \x01(\x0e2\x16.qbridge.v1.NackActionR\x06action\x12:\n" +
+	"\vretry_delay\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"retryDelay\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\"&\n" +
 	"\fNackResponse\x12\x16\n" +
 	"\x06nacked\x18\x01 \x01(\rR\x06nacked\"u\n" +
 	"\x12ExtendLeaseRequest\x12\x1d\n" +
@@ -1466,16 +1904,33 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\apattern\x18\x02 \x01(\tR\apattern\x12\x18\n" +
 	"\apayload\x18\x03 \x01(\fR\apayload\",\n" +
 	"\x14GetQueueStatsRequest\x12\x14\n" +
-	"\x05queue\x18\x01 \x01(\tR\x05queue\"`\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\"\xe0\x02\n" +
 	"\x15GetQueueStatsResponse\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
 	"\x05ready\x18\x02 \x01(\x03R\x05ready\x12\x1b\n" +
-	"\tin_flight\x18\x03 \x01(\x03R\binFlight*X\n" +
+	"\tin_flight\x18\x03 \x01(\x03R\binFlight\x12\x18\n" +
+	"\adelayed\x18\x04 \x01(\x03R\adelayed\x12\x12\n" +
+	"\x04dead\x18\x05 \x01(\x03R\x04dead\x12C\n" +
+	"\x10oldest_ready_age\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x0eoldestReadyAge\x12!\n" +
+	"\fenqueue_rate\x18\a \x01(\x01R\venqueueRate\x12\x19\n" +
+	"\back_rate\x18\b \x01(\x01R\aackRate\x12\x16\n" +
+	"\x06paused\x18\t \x01(\bR\x06paused\x125\n" +
+	"\bcounters\x18\n" +
+	" \x01(\v2\x19.qbridge.v1.QueueCountersR\bcounters\"\xbd\x01\n" +
+	"\rQueueCounters\x12\x1a\n" +
+	"\benqueued\x18\x01 \x01(\x03R\benqueued\x12\x14\n" +
+	"\x05acked\x18\x02 \x01(\x03R\x05acked\x12\x16\n" +
+	"\x06nacked\x18\x03 \x01(\x03R\x06nacked\x12#\n" +
+	"\rlease_expired\x18\x04 \x01(\x03R\fleaseExpired\x12#\n" +
+	"\rdead_lettered\x18\x05 \x01(\x03R\fdeadLettered\x12\x18\n" +
+	"\aexpired\x18\x06 \x01(\x03R\aexpired*\x8c\x01\n" +
 	"\n" +
 	"NackAction\x12\x1b\n" +
 	"\x17NACK_ACTION_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13NACK_ACTION_REQUEUE\x10\x01\x12\x14\n" +
-	"\x10NACK_ACTION_DROP\x10\x022\x94\x05\n" +
+	"\x10NACK_ACTION_DROP\x10\x02\x12\x15\n" +
+	"\x11NACK_ACTION_RETRY\x10\x03\x12\x1b\n" +
+	"\x17NACK_ACTION_DEAD_LETTER\x10\x042\x94\x05\n" +
 	"\fQueueService\x12B\n" +
 	"\aEnqueue\x12\x1a.qbridge.v1.EnqueueRequest\x1a\x1b.qbridge.v1.EnqueueResponse\x12Q\n" +
 	"\fEnqueueBatch\x12\x1f.qbridge.v1.EnqueueBatchRequest\x1a .qbridge.v1.EnqueueBatchResponse\x12D\n" +
@@ -1500,74 +1955,89 @@ func file_qbridge_v1_queue_proto_rawDescGZIP() []byte {
 }
 
 var file_qbridge_v1_queue_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_qbridge_v1_queue_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_qbridge_v1_queue_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_qbridge_v1_queue_proto_goTypes = []any{
 	(NackAction)(0),               // 0: qbridge.v1.NackAction
 	(*EnqueueRequest)(nil),        // 1: qbridge.v1.EnqueueRequest
-	(*EnqueueResponse)(nil),       // 2: qbridge.v1.EnqueueResponse
-	(*EnqueueBatchRequest)(nil),   // 3: qbridge.v1.EnqueueBatchRequest
-	(*BatchMessage)(nil),          // 4: qbridge.v1.BatchMessage
-	(*EnqueueBatchResponse)(nil),  // 5: qbridge.v1.EnqueueBatchResponse
-	(*ConsumeRequest)(nil),        // 6: qbridge.v1.ConsumeRequest
-	(*ConsumeResponse)(nil),       // 7: qbridge.v1.ConsumeResponse
-	(*Delivery)(nil),              // 8: qbridge.v1.Delivery
-	(*AckRequest)(nil),            // 9: qbridge.v1.AckRequest
-	(*AckResponse)(nil),           // 10: qbridge.v1.AckResponse
-	(*NackRequest)(nil),           // 11: qbridge.v1.NackRequest
-	(*NackResponse)(nil),          // 12: qbridge.v1.NackResponse
-	(*ExtendLeaseRequest)(nil),    // 13: qbridge.v1.ExtendLeaseRequest
-	(*ExtendLeaseResponse)(nil),   // 14: qbridge.v1.ExtendLeaseResponse
-	(*PublishRequest)(nil),        // 15: qbridge.v1.PublishRequest
-	(*PublishResponse)(nil),       // 16: qbridge.v1.PublishResponse
-	(*SubscribeRequest)(nil),      // 17: qbridge.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),     // 18: qbridge.v1.SubscribeResponse
-	(*Subscribed)(nil),            // 19: qbridge.v1.Subscribed
-	(*PubSubMessage)(nil),         // 20: qbridge.v1.PubSubMessage
-	(*GetQueueStatsRequest)(nil),  // 21: qbridge.v1.GetQueueStatsRequest
-	(*GetQueueStatsResponse)(nil), // 22: qbridge.v1.GetQueueStatsResponse
-	nil,                           // 23: qbridge.v1.EnqueueRequest.HeadersEntry
-	nil,                           // 24: qbridge.v1.BatchMessage.HeadersEntry
-	nil,                           // 25: qbridge.v1.Delivery.HeadersEntry
-	(*durationpb.Duration)(nil),   // 26: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
+	(*RetryPolicy)(nil),           // 2: qbridge.v1.RetryPolicy
+	(*EnqueueResponse)(nil),       // 3: qbridge.v1.EnqueueResponse
+	(*EnqueueBatchRequest)(nil),   // 4: qbridge.v1.EnqueueBatchRequest
+	(*BatchMessage)(nil),          // 5: qbridge.v1.BatchMessage
+	(*EnqueueBatchResponse)(nil),  // 6: qbridge.v1.EnqueueBatchResponse
+	(*ConsumeRequest)(nil),        // 7: qbridge.v1.ConsumeRequest
+	(*ConsumeResponse)(nil),       // 8: qbridge.v1.ConsumeResponse
+	(*Delivery)(nil),              // 9: qbridge.v1.Delivery
+	(*AckRequest)(nil),            // 10: qbridge.v1.AckRequest
+	(*AckResponse)(nil),           // 11: qbridge.v1.AckResponse
+	(*NackRequest)(nil),           // 12: qbridge.v1.NackRequest
+	(*NackResponse)(nil),          // 13: qbridge.v1.NackResponse
+	(*ExtendLeaseRequest)(nil),    // 14: qbridge.v1.ExtendLeaseRequest
+	(*ExtendLeaseResponse)(nil),   // 15: qbridge.v1.ExtendLeaseResponse
+	(*PublishRequest)(nil),        // 16: qbridge.v1.PublishRequest
+	(*PublishResponse)(nil),       // 17: qbridge.v1.PublishResponse
+	(*SubscribeRequest)(nil),      // 18: qbridge.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),     // 19: qbridge.v1.SubscribeResponse
+	(*Subscribed)(nil),            // 20: qbridge.v1.Subscribed
+	(*PubSubMessage)(nil),         // 21: qbridge.v1.PubSubMessage
+	(*GetQueueStatsRequest)(nil),  // 22: qbridge.v1.GetQueueStatsRequest
+	(*GetQueueStatsResponse)(nil), // 23: qbridge.v1.GetQueueStatsResponse
+	(*QueueCounters)(nil),         // 24: qbridge.v1.QueueCounters
+	nil,                           // 25: qbridge.v1.EnqueueRequest.HeadersEntry
+	nil,                           // 26: qbridge.v1.BatchMessage.HeadersEntry
+	nil,                           // 27: qbridge.v1.Delivery.HeadersEntry
+	(*durationpb.Duration)(nil),   // 28: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
 }
 var file_qbridge_v1_queue_proto_depIdxs = []int32{
-	23, // 0: qbridge.v1.EnqueueRequest.headers:type_name -> qbridge.v1.EnqueueRequest.HeadersEntry
-	4,  // 1: qbridge.v1.EnqueueBatchRequest.messages:type_name -> qbridge.v1.BatchMessage
-	24, // 2: qbridge.v1.BatchMessage.headers:type_name -> qbridge.v1.BatchMessage.HeadersEntry
-	26, // 3: qbridge.v1.ConsumeRequest.lease_duration:type_name -> google.protobuf.Duration
-	8,  // 4: qbridge.v1.ConsumeResponse.deliveries:type_name -> qbridge.v1.Delivery
-	25, // 5: qbridge.v1.Delivery.headers:type_name -> qbridge.v1.Delivery.HeadersEntry
-	27, // 6: qbridge.v1.Delivery.enqueue_time:type_name -> google.protobuf.Timestamp
-	27, // 7: qbridge.v1.Delivery.lease_deadline:type_name -> google.protobuf.Timestamp
-	0,  // 8: qbridge.v1.NackRequest.action:type_name -> qbridge.v1.NackAction
-	26, // 9: qbridge.v1.ExtendLeaseRequest.lease_duration:type_name -> google.protobuf.Duration
-	27, // 10: qbridge.v1.ExtendLeaseResponse.lease_deadline:type_name -> google.protobuf.Timestamp
-	19, // 11: qbridge.v1.SubscribeResponse.subscribed:type_name -> qbridge.v1.Subscribed
-	20, // 12: qbridge.v1.SubscribeResponse.message:type_name -> qbridge.v1.PubSubMessage
-	1,  // 13: qbridge.v1.QueueService.Enqueue:input_type -> qbridge.v1.EnqueueRequest
-	3,  // 14: qbridge.v1.QueueService.EnqueueBatch:input_type -> qbridge.v1.EnqueueBatchRequest
-	6,  // 15: qbridge.v1.QueueService.Consume:input_type -> qbridge.v1.ConsumeRequest
-	9,  // 16: qbridge.v1.QueueService.Ack:input_type -> qbridge.v1.AckRequest
-	11, // 17: qbridge.v1.QueueService.Nack:input_type -> qbridge.v1.NackRequest
-	13, // 18: qbridge.v1.QueueService.ExtendLease:input_type -> qbridge.v1.ExtendLeaseRequest
-	15, // 19: qbridge.v1.QueueService.Publish:input_type -> qbridge.v1.PublishRequest
-	17, // 20: qbridge.v1.QueueService.Subscribe:input_type -> qbridge.v1.SubscribeRequest
-	21, // 21: qbridge.v1.QueueService.GetQueueStats:input_type -> qbridge.v1.GetQueueStatsRequest
-	2,  // 22: qbridge.v1.QueueService.Enqueue:output_type -> qbridge.v1.EnqueueResponse
-	5,  // 23: qbridge.v1.QueueService.EnqueueBatch:output_type -> qbridge.v1.EnqueueBatchResponse
-	7,  // 24: qbridge.v1.QueueService.Consume:output_type -> qbridge.v1.ConsumeResponse
-	10, // 25: qbridge.v1.QueueService.Ack:output_type -> qbridge.v1.AckResponse
-	12, // 26: qbridge.v1.QueueService.Nack:output_type -> qbridge.v1.NackResponse
-	14, // 27: qbridge.v1.QueueService.ExtendLease:output_type -> qbridge.v1.ExtendLeaseResponse
-	16, // 28: qbridge.v1.QueueService.Publish:output_type -> qbridge.v1.PublishResponse
-	18, // 29: qbridge.v1.QueueService.Subscribe:output_type -> qbridge.v1.SubscribeResponse
-	22, // 30: qbridge.v1.QueueService.GetQueueStats:output_type -> qbridge.v1.GetQueueStatsResponse
-	22, // [22:31] is the sub-list for method output_type
-	13, // [13:22] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	25, // 0: qbridge.v1.EnqueueRequest.headers:type_name -> qbridge.v1.EnqueueRequest.HeadersEntry
+	28, // 1: qbridge.v1.EnqueueRequest.delay:type_name -> google.protobuf.Duration
+	29, // 2: qbridge.v1.EnqueueRequest.deliver_at:type_name -> google.protobuf.Timestamp
+	28, // 3: qbridge.v1.EnqueueRequest.ttl:type_name -> google.protobuf.Duration
+	2,  // 4: qbridge.v1.EnqueueRequest.retry_policy:type_name -> qbridge.v1.RetryPolicy
+	28, // 5: qbridge.v1.RetryPolicy.min_backoff:type_name -> google.protobuf.Duration
+	28, // 6: qbridge.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
+	5,  // 7: qbridge.v1.EnqueueBatchRequest.messages:type_name -> qbridge.v1.BatchMessage
+	26, // 8: qbridge.v1.BatchMessage.headers:type_name -> qbridge.v1.BatchMessage.HeadersEntry
+	28, // 9: qbridge.v1.BatchMessage.delay:type_name -> google.protobuf.Duration
+	29, // 10: qbridge.v1.BatchMessage.deliver_at:type_name -> google.protobuf.Timestamp
+	28, // 11: qbridge.v1.BatchMessage.ttl:type_name -> google.protobuf.Duration
+	2,  // 12: qbridge.v1.BatchMessage.retry_policy:type_name -> qbridge.v1.RetryPolicy
+	28, // 13: qbridge.v1.ConsumeRequest.lease_duration:type_name -> google.protobuf.Duration
+	9,  // 14: qbridge.v1.ConsumeResponse.deliveries:type_name -> qbridge.v1.Delivery
+	27, // 15: qbridge.v1.Delivery.headers:type_name -> qbridge.v1.Delivery.HeadersEntry
+	29, // 16: qbridge.v1.Delivery.enqueue_time:type_name -> google.protobuf.Timestamp
+	29, // 17: qbridge.v1.Delivery.lease_deadline:type_name -> google.protobuf.Timestamp
+	0,  // 18: qbridge.v1.NackRequest.action:type_name -> qbridge.v1.NackAction
+	28, // 19: qbridge.v1.NackRequest.retry_delay:type_name -> google.protobuf.Duration
+	28, // 20: qbridge.v1.ExtendLeaseRequest.lease_duration:type_name -> google.protobuf.Duration
+	29, // 21: qbridge.v1.ExtendLeaseResponse.lease_deadline:type_name -> google.protobuf.Timestamp
+	20, // 22: qbridge.v1.SubscribeResponse.subscribed:type_name -> qbridge.v1.Subscribed
+	21, // 23: qbridge.v1.SubscribeResponse.message:type_name -> qbridge.v1.PubSubMessage
+	28, // 24: qbridge.v1.GetQueueStatsResponse.oldest_ready_age:type_name -> google.protobuf.Duration
+	24, // 25: qbridge.v1.GetQueueStatsResponse.counters:type_name -> qbridge.v1.QueueCounters
+	1,  // 26: qbridge.v1.QueueService.Enqueue:input_type -> qbridge.v1.EnqueueRequest
+	4,  // 27: qbridge.v1.QueueService.EnqueueBatch:input_type -> qbridge.v1.EnqueueBatchRequest
+	7,  // 28: qbridge.v1.QueueService.Consume:input_type -> qbridge.v1.ConsumeRequest
+	10, // 29: qbridge.v1.QueueService.Ack:input_type -> qbridge.v1.AckRequest
+	12, // 30: qbridge.v1.QueueService.Nack:input_type -> qbridge.v1.NackRequest
+	14, // 31: qbridge.v1.QueueService.ExtendLease:input_type -> qbridge.v1.ExtendLeaseRequest
+	16, // 32: qbridge.v1.QueueService.Publish:input_type -> qbridge.v1.PublishRequest
+	18, // 33: qbridge.v1.QueueService.Subscribe:input_type -> qbridge.v1.SubscribeRequest
+	22, // 34: qbridge.v1.QueueService.GetQueueStats:input_type -> qbridge.v1.GetQueueStatsRequest
+	3,  // 35: qbridge.v1.QueueService.Enqueue:output_type -> qbridge.v1.EnqueueResponse
+	6,  // 36: qbridge.v1.QueueService.EnqueueBatch:output_type -> qbridge.v1.EnqueueBatchResponse
+	8,  // 37: qbridge.v1.QueueService.Consume:output_type -> qbridge.v1.ConsumeResponse
+	11, // 38: qbridge.v1.QueueService.Ack:output_type -> qbridge.v1.AckResponse
+	13, // 39: qbridge.v1.QueueService.Nack:output_type -> qbridge.v1.NackResponse
+	15, // 40: qbridge.v1.QueueService.ExtendLease:output_type -> qbridge.v1.ExtendLeaseResponse
+	17, // 41: qbridge.v1.QueueService.Publish:output_type -> qbridge.v1.PublishResponse
+	19, // 42: qbridge.v1.QueueService.Subscribe:output_type -> qbridge.v1.SubscribeResponse
+	23, // 43: qbridge.v1.QueueService.GetQueueStats:output_type -> qbridge.v1.GetQueueStatsResponse
+	35, // [35:44] is the sub-list for method output_type
+	26, // [26:35] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_qbridge_v1_queue_proto_init() }
@@ -1575,7 +2045,7 @@ func file_qbridge_v1_queue_proto_init() {
 	if File_qbridge_v1_queue_proto != nil {
 		return
 	}
-	file_qbridge_v1_queue_proto_msgTypes[17].OneofWrappers = []any{
+	file_qbridge_v1_queue_proto_msgTypes[18].OneofWrappers = []any{
 		(*SubscribeResponse_Subscribed)(nil),
 		(*SubscribeResponse_Message)(nil),
 	}
@@ -1585,7 +2055,7 @@ func file_qbridge_v1_queue_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_qbridge_v1_queue_proto_rawDesc), len(file_qbridge_v1_queue_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   25,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
