@@ -736,9 +736,13 @@ func (s *Server) forgetLocked(consumerID uint64, queue, leaseID string) {
 	}
 }
 
-// controlPrefix starts the name of every instance's control channel. The
-// braces keep clients from publishing to it through qbridge.
-const controlPrefix = "{qbridge}:instance:"
+// internalPrefix starts the names of qbridge's own channels; the braces
+// keep clients from publishing to them through qbridge. controlPrefix
+// starts each instance's control channel.
+const (
+	internalPrefix = "{qbridge}:"
+	controlPrefix  = internalPrefix + "instance:"
+)
 
 func (s *Server) controlChannel() string { return s.b.Keys().Channel(controlPrefix + s.instance) }
 

@@ -29,6 +29,7 @@ type instance struct {
 	gs     *grpc.Server
 	addr   string
 	client qbridgev1.QueueServiceClient
+	admin  qbridgev1.AdminServiceClient
 	conn   *grpc.ClientConn
 	rdb    *redis.Client
 }
@@ -57,12 +58,14 @@ func startInstance(t *testing.T, rs *redistest.Server, cfg instanceConfig) *inst
 	}
 	gs := grpc.NewServer()
 	qbridgev1.RegisterQueueServiceServer(gs, srv)
+	qbridgev1.RegisterAdminServiceServer(gs, srv.Admin())
 	go func() { _ = gs.Serve(lis) }()
 	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	in := &instance{srv: srv, gs: gs, addr: lis.Addr().String(), client: qbridgev1.NewQueueServiceClient(conn), conn: conn, rdb: rdb}
+	in := &instance{srv: srv, gs: gs, addr: lis.Addr().String(), client: qbridgev1.NewQueueServiceClient(conn),
+		admin: qbridgev1.NewAdminServiceClient(conn), conn: conn, rdb: rdb}
 	t.Cleanup(in.stop)
 	return in
 }

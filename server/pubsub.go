@@ -66,7 +66,7 @@ func newHub(s *Server) *hub {
 // first attempt fails.
 func (h *hub) open(ctx context.Context) {
 	ps := h.s.b.PubSub(ctx)
-	if err := ps.Subscribe(ctx, h.s.controlChannel()); err != nil {
+	if err := ps.Subscribe(ctx, h.s.controlChannel(), h.s.b.Keys().Channel(eventsChannel)); err != nil {
 		h.s.log.Warn("cannot subscribe to the control channel yet; will on reconnect", "err", err)
 	}
 	h.mu.Lock()
@@ -135,9 +135,14 @@ func (h *hub) confirmed(m *redis.Subscription) {
 
 func (h *hub) fanOut(m *redis.Message) {
 	keys := h.s.b.Keys()
-	if strings.HasPrefix(m.Channel, keys.Channel(controlPrefix)) {
-		if m.Channel == h.s.controlChannel() && m.Pattern == "" {
-			h.s.applyControl(m.Payload)
+	if strings.HasPrefix(m.Channel, keys.Channel(internalPrefix)) {
+		if m.Pattern == "" {
+			switch m.Channel {
+			case h.s.controlChannel():
+				h.s.applyControl(m.Payload)
+			case keys.Channel(eventsChannel):
+				h.s.applyEvent(m.Payload)
+			}
 		}
 		return // never shown to Subscribe streams
 	}

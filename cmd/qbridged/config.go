@@ -37,6 +37,12 @@ type Config struct {
 	KeepaliveTime    time.Duration
 	KeepaliveTimeout time.Duration
 	BlockingPoolSize int
+	MaxAttempts      int
+	RetryBackoffMin  time.Duration
+	RetryBackoffMax  time.Duration
+	MaxLength        int
+	ExpiredAction    string
+	DedupWindow      time.Duration
 	LogLevel         slog.Level
 	LogFormat        string
 }
@@ -118,6 +124,24 @@ var flagDefs = []flagDef{
 	{"blocking-pool-size", "n", "256",
 		"Connection pool size of the separate Redis client used for blocking waits on empty queues and for pub/sub.",
 		func(c *Config) flag.Value { return (*intValue)(&c.BlockingPoolSize) }},
+	{"max-attempts", "n", "25",
+		"Default retry policy: deliveries of a message before it is dead-lettered (1 to 1000). A queue's config and an Enqueue may override it.",
+		func(c *Config) flag.Value { return (*intValue)(&c.MaxAttempts) }},
+	{"retry-backoff-min", "duration", "1s",
+		"Default retry policy: backoff before the first retry; retry n waits a random time up to min(max, min*2^(n-1)).",
+		func(c *Config) flag.Value { return (*durationValue)(&c.RetryBackoffMin) }},
+	{"retry-backoff-max", "duration", "10m",
+		"Default retry policy: the longest backoff.",
+		func(c *Config) flag.Value { return (*durationValue)(&c.RetryBackoffMax) }},
+	{"max-length", "n", "0",
+		"Default bound on the ready and delayed messages of a queue (0: unbounded); Enqueue beyond it fails with RESOURCE_EXHAUSTED.",
+		func(c *Config) flag.Value { return (*intValue)(&c.MaxLength) }},
+	{"expired-action", "action", "drop",
+		"Default for messages whose ttl passed: drop or dead-letter.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.ExpiredAction) }},
+	{"dedup-window", "duration", "10m",
+		"Default time a dedup key is remembered (1s to 7 days).",
+		func(c *Config) flag.Value { return (*durationValue)(&c.DedupWindow) }},
 	{"log-level", "level", "info",
 		"Log level: debug, info, warn or error.",
 		func(c *Config) flag.Value { return (*levelValue)(&c.LogLevel) }},
@@ -225,6 +249,21 @@ func (c *Config) validate() error {
 	}
 	if c.KeepaliveTimeout <= 0 {
 		bad("keepalive-timeout", "must be a positive duration, got %v", c.KeepaliveTimeout)
+	}
+	if c.MaxAttempts < 1 || c.MaxAttempts > 1000 {
+		bad("max-attempts", "must be between 1 and 1000, got %d", c.MaxAttempts)
+	}
+	if c.RetryBackoffMin < time.Millisecond || c.RetryBackoffMax < c.RetryBackoffMin || c.RetryBackoffMax > 7*24*time.Hour {
+		bad("retry-backoff-min", "and --retry-backoff-max must satisfy 1ms <= min <= max <= 168h, got %v and %v", c.RetryBackoffMin, c.RetryBackoffMax)
+	}
+	if c.MaxLength < 0 {
+		bad("max-length", "must be 0 (unbounded) or positive, got %d", c.MaxLength)
+	}
+	if c.ExpiredAction != "drop" && c.ExpiredAction != "dead-letter" {
+		bad("expired-action", "must be drop or dead-letter, got %q", c.ExpiredAction)
+	}
+	if c.DedupWindow < time.Second || c.DedupWindow > 7*24*time.Hour {
+		bad("dedup-window", "must be between 1s and 168h, got %v", c.DedupWindow)
 	}
 	if len(errs) > 0 {
 		return errors.New(strings.Join(errs, "; "))

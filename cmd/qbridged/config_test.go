@@ -42,6 +42,11 @@ func TestConfigDefaults(t *testing.T) {
 		KeepaliveTime:    10 * time.Second,
 		KeepaliveTimeout: 5 * time.Second,
 		BlockingPoolSize: 256,
+		MaxAttempts:      25,
+		RetryBackoffMin:  time.Second,
+		RetryBackoffMax:  10 * time.Minute,
+		ExpiredAction:    "drop",
+		DedupWindow:      10 * time.Minute,
 		LogLevel:         slog.LevelInfo,
 		LogFormat:        "text",
 	}

@@ -45,7 +45,10 @@ const (
 )
 
 // queueServiceName is the health service name of QueueService.
-var queueServiceName = qbridgev1.QueueService_ServiceDesc.ServiceName
+var (
+	queueServiceName = qbridgev1.QueueService_ServiceDesc.ServiceName
+	adminServiceName = qbridgev1.AdminService_ServiceDesc.ServiceName
+)
 
 // run is qbridged: it parses its configuration, serves until ctx is done,
 // then shuts down gracefully. It returns nil after a shutdown caused by ctx
@@ -96,6 +99,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		broker.WithKeyPrefix(cfg.KeyPrefix),
 		broker.WithRawQueues(cfg.rawQueueSet()),
 		broker.WithBlockingClient(blocking),
+		broker.WithDefaults(broker.Policy{
+			MaxAttempts:       cfg.MaxAttempts,
+			BackoffMin:        cfg.RetryBackoffMin,
+			BackoffMax:        cfg.RetryBackoffMax,
+			MaxLength:         int64(cfg.MaxLength),
+			ExpiredDeadLetter: cfg.ExpiredAction == "dead-letter",
+			DedupWindow:       cfg.DedupWindow,
+		}),
 	)
 	loadCtx, cancelLoad := context.WithTimeout(ctx, loadScriptsTimeout)
 	if err := b.LoadScripts(loadCtx); err != nil {
@@ -124,6 +135,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	gs := newGRPCServer(cfg, log)
 	defer gs.Stop() // a no-op after the graceful stop below
 	qbridgev1.RegisterQueueServiceServer(gs, srv)
+	qbridgev1.RegisterAdminServiceServer(gs, srv.Admin())
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
@@ -321,6 +333,7 @@ func (h *healthWatch) check(ctx context.Context) {
 	}
 	h.hs.SetServingStatus("", st)
 	h.hs.SetServingStatus(queueServiceName, st)
+	h.hs.SetServingStatus(adminServiceName, st)
 	if h.known && h.serving == serving {
 		return
 	}

@@ -1,0 +1,389 @@
+package server
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
+	"github.com/qbridge/qbridge/server/broker"
+)
+
+// Admin implements qbridge.v1.AdminService over the same broker as Server.
+type Admin struct {
+	qbridgev1.UnimplementedAdminServiceServer
+	s *Server
+}
+
+var _ qbridgev1.AdminServiceServer = (*Admin)(nil)
+
+// Admin returns the AdminService of this server.
+func (s *Server) Admin() *Admin { return &Admin{s: s} }
+
+const (
+	defaultPageSize = 50
+	maxPageSize     = 1000
+	maxDeadIDs      = 1000
+)
+
+// known validates queue and checks that qbridge knows it.
+func (a *Admin) known(ctx context.Context, queue string) error {
+	if err := ValidateName("queue", queue); err != nil {
+		return invalidError{err}
+	}
+	ok, err := a.s.b.Known(ctx, queue)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return notFoundError{queue}
+	}
+	return nil
+}
+
+func pageSize(n uint32, def int) (int, error) {
+	switch {
+	case n == 0:
+		return def, nil
+	case n > maxPageSize:
+		return 0, invalidf("page_size %d is above the limit %d", n, maxPageSize)
+	}
+	return int(n), nil
+}
+
+// Page tokens are opaque to clients: "p1." + base64url of the position.
+const pageTokenPrefix = "p1."
+
+func encodePageToken(pos string) string {
+	return pageTokenPrefix + base64.RawURLEncoding.EncodeToString([]byte(pos))
+}
+
+func decodePageToken(tok string) (string, error) {
+	if tok == "" {
+		return "", nil
+	}
+	b, err := base64.RawURLEncoding.DecodeString(strings.TrimPrefix(tok, pageTokenPrefix))
+	if !strings.HasPrefix(tok, pageTokenPrefix) || err != nil || len(b) == 0 {
+		return "", invalidf("page_token %.40q is not one this server handed out; pass next_page_token unchanged, or nothing for the first page", tok)
+	}
+	return string(b), nil
+}
+
+// ListQueues implements AdminService.ListQueues.
+func (a *Admin) ListQueues(ctx context.Context, req *qbridgev1.ListQueuesRequest) (*qbridgev1.ListQueuesResponse, error) {
+	n, err := pageSize(req.GetPageSize(), 100)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	after, err := decodePageToken(req.GetPageToken())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	qs, err := a.s.b.RegisteredQueues(ctx)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	slices.Sort(qs)
+	i, _ := slices.BinarySearch(qs, after)
+	if after != "" && i < len(qs) && qs[i] == after {
+		i++
+	}
+	resp := &qbridgev1.ListQueuesResponse{}
+	end := min(len(qs), i+n)
+	resp.Queues = qs[i:end]
+	if end < len(qs) {
+		resp.NextPageToken = encodePageToken(qs[end-1])
+	}
+	return resp, nil
+}
+
+// PeekMessages implements AdminService.PeekMessages.
+func (a *Admin) PeekMessages(ctx context.Context, req *qbridgev1.PeekMessagesRequest) (*qbridgev1.PeekMessagesResponse, error) {
+	var state broker.State
+	switch req.GetState() {
+	case qbridgev1.MessageState_MESSAGE_STATE_READY:
+		state = broker.StateReady
+	case qbridgev1.MessageState_MESSAGE_STATE_DELAYED:
+		state = broker.StateDelayed
+	case qbridgev1.MessageState_MESSAGE_STATE_IN_FLIGHT:
+		state = broker.StateInFlight
+	case qbridgev1.MessageState_MESSAGE_STATE_DEAD:
+		state = broker.StateDead
+	default:
+		return nil, toStatus(invalidf("state %v: use MESSAGE_STATE_READY, _DELAYED, _IN_FLIGHT or _DEAD", req.GetState()))
+	}
+	n, err := pageSize(req.GetPageSize(), defaultPageSize)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	pos, err := decodePageToken(req.GetPageToken())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	var offset int64
+	if pos != "" {
+		if offset, err = strconv.ParseInt(pos, 10, 64); err != nil || offset < 0 {
+			return nil, toStatus(invalidf("page_token is not one this server handed out"))
+		}
+	}
+	if err := a.known(ctx, req.GetQueue()); err != nil {
+		return nil, toStatus(err)
+	}
+	ps, err := a.s.b.Peek(ctx, req.GetQueue(), state, offset, int64(n)+1)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	resp := &qbridgev1.PeekMessagesResponse{}
+	if len(ps) > n {
+		ps = ps[:n]
+		resp.NextPageToken = encodePageToken(strconv.FormatInt(offset+int64(n), 10))
+	}
+	for _, p := range ps {
+		resp.Messages = append(resp.Messages, queuedMessage(p, req.GetState()))
+	}
+	return resp, nil
+}
+
+func queuedMessage(p broker.Peeked, state qbridgev1.MessageState) *qbridgev1.QueuedMessage {
+	m := p.Message
+	q := &qbridgev1.QueuedMessage{
+		Id: m.ID, Payload: m.Payload, Headers: m.Headers, Deliveries: m.Deliveries, State: state,
+		LastError: m.LastError, DeadReason: m.DeadReason,
+	}
+	if m.EnqueuedAt > 0 {
+		q.EnqueueTime = ts(time.UnixMilli(m.EnqueuedAt))
+	}
+	if m.ExpireAt > 0 {
+		q.ExpireTime = ts(time.UnixMilli(m.ExpireAt))
+	}
+	switch state {
+	case qbridgev1.MessageState_MESSAGE_STATE_DELAYED:
+		q.DeliverTime = ts(p.When)
+	case qbridgev1.MessageState_MESSAGE_STATE_IN_FLIGHT:
+		q.LeaseDeadline = ts(p.When)
+	case qbridgev1.MessageState_MESSAGE_STATE_DEAD:
+		q.Id = p.Key // the dead id, which Replay/DeleteDeadLetters take
+		if m.DeadAt > 0 {
+			q.DeadTime = ts(time.UnixMilli(m.DeadAt))
+		}
+	}
+	return q
+}
+
+// PurgeQueue implements AdminService.PurgeQueue.
+func (a *Admin) PurgeQueue(ctx context.Context, req *qbridgev1.PurgeQueueRequest) (*qbridgev1.PurgeQueueResponse, error) {
+	if err := a.known(ctx, req.GetQueue()); err != nil {
+		return nil, toStatus(err)
+	}
+	n, err := a.s.b.Purge(ctx, req.GetQueue())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	_ = a.s.b.SetDue(ctx, req.GetQueue(), time.Time{})
+	a.s.log.Info("queue purged", "queue", req.GetQueue(), "messages", n)
+	return &qbridgev1.PurgeQueueResponse{Purged: n}, nil
+}
+
+// PauseQueue implements AdminService.PauseQueue.
+func (a *Admin) PauseQueue(ctx context.Context, req *qbridgev1.PauseQueueRequest) (*qbridgev1.PauseQueueResponse, error) {
+	if err := a.known(ctx, req.GetQueue()); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := a.s.b.SetPaused(ctx, req.GetQueue(), true); err != nil {
+		return nil, toStatus(err)
+	}
+	a.s.log.Info("queue paused", "queue", req.GetQueue())
+	return &qbridgev1.PauseQueueResponse{}, nil
+}
+
+// ResumeQueue implements AdminService.ResumeQueue.
+func (a *Admin) ResumeQueue(ctx context.Context, req *qbridgev1.ResumeQueueRequest) (*qbridgev1.ResumeQueueResponse, error) {
+	if err := a.known(ctx, req.GetQueue()); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := a.s.b.SetPaused(ctx, req.GetQueue(), false); err != nil {
+		return nil, toStatus(err)
+	}
+	// Wake the queue's dispatchers on every instance now, rather than at
+	// their next periodic look.
+	a.s.broadcastKick(ctx, req.GetQueue())
+	a.s.log.Info("queue resumed", "queue", req.GetQueue())
+	return &qbridgev1.ResumeQueueResponse{}, nil
+}
+
+// DeleteQueue implements AdminService.DeleteQueue.
+func (a *Admin) DeleteQueue(ctx context.Context, req *qbridgev1.DeleteQueueRequest) (*qbridgev1.DeleteQueueResponse, error) {
+	if err := a.known(ctx, req.GetQueue()); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := a.s.b.DeleteQueue(ctx, req.GetQueue(), req.GetForce()); err != nil {
+		return nil, toStatus(err)
+	}
+	a.s.known.Delete(req.GetQueue())
+	a.s.log.Info("queue deleted", "queue", req.GetQueue(), "force", req.GetForce())
+	return &qbridgev1.DeleteQueueResponse{}, nil
+}
+
+func deadSelection(ids []string, all bool) error {
+	switch {
+	case all && len(ids) > 0:
+		return invalidf("give ids or all, not both")
+	case !all && len(ids) == 0:
+		return invalidf("no ids; give the ids of dead letters (PeekMessages with MESSAGE_STATE_DEAD), or all")
+	case len(ids) > maxDeadIDs:
+		return invalidf("%d ids; the limit is %d per call (or use all)", len(ids), maxDeadIDs)
+	}
+	for i, id := range ids {
+		if id == "" || len(id) > 2*maxIDLen {
+			return invalidf("ids[%d] %.40q is not a dead letter id", i, id)
+		}
+	}
+	return nil
+}
+
+// ReplayDeadLetters implements AdminService.ReplayDeadLetters.
+func (a *Admin) ReplayDeadLetters(ctx context.Context, req *qbridgev1.ReplayDeadLettersRequest) (*qbridgev1.ReplayDeadLettersResponse, error) {
+	if err := deadSelection(req.GetIds(), req.GetAll()); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := a.known(ctx, req.GetQueue()); err != nil {
+		return nil, toStatus(err)
+	}
+	n, err := a.s.b.ReplayDead(ctx, req.GetQueue(), req.GetIds(), req.GetAll())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	a.s.log.Info("dead letters replayed", "queue", req.GetQueue(), "count", n)
+	return &qbridgev1.ReplayDeadLettersResponse{Replayed: n}, nil
+}
+
+// DeleteDeadLetters implements AdminService.DeleteDeadLetters.
+func (a *Admin) DeleteDeadLetters(ctx context.Context, req *qbridgev1.DeleteDeadLettersRequest) (*qbridgev1.DeleteDeadLettersResponse, error) {
+	if err := deadSelection(req.GetIds(), req.GetAll()); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := a.known(ctx, req.GetQueue()); err != nil {
+		return nil, toStatus(err)
+	}
+	n, err := a.s.b.DeleteDead(ctx, req.GetQueue(), req.GetIds(), req.GetAll())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	a.s.log.Info("dead letters deleted", "queue", req.GetQueue(), "count", n)
+	return &qbridgev1.DeleteDeadLettersResponse{Deleted: n}, nil
+}
+
+// GetQueueConfig implements AdminService.GetQueueConfig.
+func (a *Admin) GetQueueConfig(ctx context.Context, req *qbridgev1.GetQueueConfigRequest) (*qbridgev1.GetQueueConfigResponse, error) {
+	if err := a.known(ctx, req.GetQueue()); err != nil {
+		return nil, toStatus(err)
+	}
+	cfg, err := a.effectiveConfig(ctx, req.GetQueue())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &qbridgev1.GetQueueConfigResponse{Config: cfg}, nil
+}
+
+// UpdateQueueConfig implements AdminService.UpdateQueueConfig.
+func (a *Admin) UpdateQueueConfig(ctx context.Context, req *qbridgev1.UpdateQueueConfigRequest) (*qbridgev1.UpdateQueueConfigResponse, error) {
+	if err := ValidateName("queue", req.GetQueue()); err != nil {
+		return nil, toStatus(invalidError{err})
+	}
+	c := req.GetConfig()
+	p, err := retryPolicy(c.GetRetryPolicy())
+	if err != nil {
+		return nil, toStatus(invalidf("config.%v", err))
+	}
+	if p.DedupWindow, err = durationIn("config.dedup_window", c.GetDedupWindow(), time.Second, 7*24*time.Hour); err != nil {
+		return nil, toStatus(invalidError{err})
+	}
+	if c.GetMaxLength() > 1<<40 {
+		return nil, toStatus(invalidf("config.max_length %d is absurd; the limit is %d", c.GetMaxLength(), int64(1)<<40))
+	}
+	p.MaxLength = int64(c.GetMaxLength())
+	expired := ""
+	switch c.GetExpiredAction() {
+	case qbridgev1.ExpiredAction_EXPIRED_ACTION_UNSPECIFIED:
+	case qbridgev1.ExpiredAction_EXPIRED_ACTION_DROP:
+		expired = "drop"
+	case qbridgev1.ExpiredAction_EXPIRED_ACTION_DEAD_LETTER:
+		expired = "dead"
+	default:
+		return nil, toStatus(invalidf("config.expired_action %d is unknown", c.GetExpiredAction()))
+	}
+	if err := a.s.b.SetConfig(ctx, req.GetQueue(), p, expired); err != nil {
+		return nil, toStatus(err)
+	}
+	a.s.registerQueue(ctx, req.GetQueue())
+	cfg, err := a.effectiveConfig(ctx, req.GetQueue())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	a.s.log.Info("queue config updated", "queue", req.GetQueue())
+	return &qbridgev1.UpdateQueueConfigResponse{Config: cfg}, nil
+}
+
+// effectiveConfig is the queue's stored policy over the server defaults.
+func (a *Admin) effectiveConfig(ctx context.Context, queue string) (*qbridgev1.QueueConfig, error) {
+	p, err := a.s.b.Config(ctx, queue)
+	if err != nil {
+		return nil, err
+	}
+	d := a.s.b.Defaults()
+	pick := func(v, def time.Duration) *durationpb.Duration {
+		if v == 0 {
+			v = def
+		}
+		return durationpb.New(v)
+	}
+	maxAtt := p.MaxAttempts
+	if maxAtt == 0 {
+		maxAtt = d.MaxAttempts
+	}
+	maxLen := p.MaxLength
+	if maxLen == 0 {
+		maxLen = d.MaxLength
+	}
+	expired := qbridgev1.ExpiredAction_EXPIRED_ACTION_DROP
+	if p.ExpiredDeadLetter || d.ExpiredDeadLetter {
+		expired = qbridgev1.ExpiredAction_EXPIRED_ACTION_DEAD_LETTER
+	}
+	return &qbridgev1.QueueConfig{
+		RetryPolicy: &qbridgev1.RetryPolicy{
+			MaxAttempts: uint32(maxAtt),
+			MinBackoff:  pick(p.BackoffMin, d.BackoffMin),
+			MaxBackoff:  pick(p.BackoffMax, d.BackoffMax),
+		},
+		MaxLength:     uint64(maxLen),
+		ExpiredAction: expired,
+		DedupWindow:   pick(p.DedupWindow, d.DedupWindow),
+	}, nil
+}
+
+// broadcastKick wakes queue's dispatchers on every instance.
+func (s *Server) broadcastKick(ctx context.Context, queue string) {
+	s.kickQueue(queue)
+	if _, err := s.b.Publish(ctx, eventsChannel, []byte("kick "+queue)); err != nil {
+		s.log.Debug("cannot broadcast; other instances look again within a second", "err", err)
+	}
+}
+
+// eventsChannel carries events for every instance ("kick <queue>").
+const eventsChannel = "{qbridge}:events"
+
+func (s *Server) applyEvent(payload string) {
+	verb, arg, _ := strings.Cut(payload, " ")
+	switch verb {
+	case "kick":
+		s.kickQueue(arg)
+	default:
+		s.log.Debug("unknown event", "event", fmt.Sprintf("%.64q", payload))
+	}
+}
