@@ -230,8 +230,12 @@ func runExamples(t *testing.T, root, addr, grpcurl, redisCli, port string) {
 		t.Fatalf("after the Nack example the consumer did not see attempt 2:\n%s", backgrounds[0])
 	}
 	// The Publish example reached terminal 1 of the pub/sub section.
-	if !strings.Contains(backgrounds[1].String(), `"news.sports"`) {
-		t.Fatalf("the subscriber did not print the published message:\n%s", backgrounds[1])
+	published := false
+	for _, b := range backgrounds {
+		published = published || strings.Contains(b.String(), `"news.sports"`)
+	}
+	if !published {
+		t.Fatal("the subscriber did not print the published message")
 	}
 }
 
