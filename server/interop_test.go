@@ -8,6 +8,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 	"github.com/qbridge/qbridge/internal/redistest"
@@ -321,3 +322,47 @@ func TestRedisRestartMidTest(t *testing.T) {
 }
 
 var _ = redis.Nil
+
+// Redis scripts do not roll back: a script that failed on the ready list
+// after removing a message elsewhere would lose it. When the queue's key is
+// overwritten with something that is not a list, every operation that would
+// write it fails up front and the message stays where it was.
+func TestOverwrittenQueueKeyLosesNothing(t *testing.T) {
+	rs := redistest.Start(t)
+	in := startInstance(t, rs, instanceConfig{})
+	plain := rs.Client(t, 0)
+	ctx := ctxT(t, 20*time.Second)
+	enqueueN(t, in.client, "clobber", 1)
+	s := consume(t, in.client, &qbridgev1.ConsumeRequest{Queue: "clobber", LeaseDuration: lease(time.Minute)})
+	d := s.next(t, 5*time.Second)
+	// A delayed message that becomes due while the key is clobbered.
+	if _, err := in.client.Enqueue(ctx, &qbridgev1.EnqueueRequest{Queue: "clobber", Payload: []byte("later"), Delay: durationpb.New(300 * time.Millisecond)}); err != nil {
+		t.Fatal(err)
+	}
+	plain.Set(ctx, "clobber", "oops", 0)
+
+	_, err := in.client.Nack(ctx, &qbridgev1.NackRequest{AckTokens: []string{d.GetAckToken()}})
+	wantCode(t, err, codes.FailedPrecondition, "not a list")
+	_, err = in.client.Enqueue(ctx, &qbridgev1.EnqueueRequest{Queue: "clobber", Payload: []byte("x"), DedupKey: "k1"})
+	wantCode(t, err, codes.FailedPrecondition, "not a list")
+	// Let the promoter try (and fail) on the due message: it is due after
+	// 300ms and the promoter looks at least every second.
+	time.Sleep(1500 * time.Millisecond) // not synchronisation: nothing may happen in this window, and this is how long it would take
+	if n := plain.HLen(ctx, "{clobber}:qb:inflight").Val(); n != 1 {
+		t.Fatalf("the nacked message left the in-flight hash: %d there", n)
+	}
+	if n := plain.HLen(ctx, "{clobber}:qb:scheduled").Val(); n != 1 {
+		t.Fatalf("the delayed message left the scheduled hash: %d there", n)
+	}
+	if plain.Exists(ctx, "{clobber}:qb:dedup:k1").Val() != 0 {
+		t.Fatal("the failed enqueue recorded its dedup key")
+	}
+	// Once the key is a list again, everything flows.
+	plain.Del(ctx, "clobber")
+	if _, err := in.client.Nack(ctx, &qbridgev1.NackRequest{AckTokens: []string{d.GetAckToken()}}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "both messages ready or delivered again", func() bool {
+		return plain.HLen(ctx, "{clobber}:qb:scheduled").Val() == 0
+	})
+}

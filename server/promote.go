@@ -87,11 +87,12 @@ func (p *promoter) run(ctx context.Context) {
 }
 
 // promoteDue promotes every queue whose earliest message is due and returns
-// the earliest due time left in the index (zero: none).
+// when to look again: the earliest due time left in the index, or zero.
 func (p *promoter) promoteDue(ctx context.Context) time.Time {
 	s := p.s
+	failed := map[string]bool{} // queues whose promotion failed this round
 	for {
-		zs, err := s.b.NextDue(ctx, 32)
+		zs, err := s.b.NextDue(ctx, 32+len(failed))
 		if err != nil {
 			if ctx.Err() == nil {
 				s.log.Debug("promoter: cannot read the due index", "err", err)
@@ -101,17 +102,28 @@ func (p *promoter) promoteDue(ctx context.Context) time.Time {
 		p.mu.Lock()
 		now := time.Now().Add(p.offset)
 		p.mu.Unlock()
-		promotedAny := false
+		progressed := false
 		for _, z := range zs {
 			due := time.UnixMilli(int64(z.Score))
+			q, _ := z.Member.(string)
+			if failed[q] {
+				continue
+			}
 			if due.After(now) {
 				return due
 			}
-			q, _ := z.Member.(string)
-			p.promoteQueue(ctx, q)
-			promotedAny = true
+			if err := p.promoteQueue(ctx, q); err != nil {
+				// Do not spin on a queue that cannot be promoted (Redis
+				// down, or its key overwritten): look again in a while.
+				failed[q] = true
+				continue
+			}
+			progressed = true
 		}
-		if !promotedAny {
+		if !progressed {
+			if len(failed) > 0 {
+				return now.Add(promoterMaxIdle)
+			}
 			return time.Time{}
 		}
 	}
@@ -119,7 +131,7 @@ func (p *promoter) promoteDue(ctx context.Context) time.Time {
 
 // promoteQueue moves queue's due messages to its ready list and records
 // its next due time.
-func (p *promoter) promoteQueue(ctx context.Context, q string) {
+func (p *promoter) promoteQueue(ctx context.Context, q string) error {
 	s := p.s
 	var next time.Time
 	for {
@@ -128,7 +140,7 @@ func (p *promoter) promoteQueue(ctx context.Context, q string) {
 			if ctx.Err() == nil {
 				s.log.Warn("promoter: cannot promote", "queue", q, "err", err)
 			}
-			return
+			return err
 		}
 		p.mu.Lock()
 		p.offset = time.Until(redisNow)
@@ -139,13 +151,14 @@ func (p *promoter) promoteQueue(ctx context.Context, q string) {
 		}
 	}
 	if err := s.b.SetDue(ctx, q, next); err != nil {
-		return
+		return err
 	}
 	// Another instance may have scheduled an earlier message between the
 	// promote script and SetDue: look again, and keep the earlier time.
 	if first, err := s.b.FirstDelayed(ctx, q); err == nil && !first.IsZero() && (next.IsZero() || first.Before(next)) {
 		_ = s.b.NoteDue(ctx, q, first)
 	}
+	return nil
 }
 
 // rateSampler keeps, for each known queue, samples of its counters over the

@@ -147,6 +147,18 @@ local function setmeta(e, num, value)
   return string.sub(e, 1, 36 + n) .. be32(#newmeta) .. newmeta .. string.sub(e, 41 + n + m)
 end
 
+-- readyproblem returns an error reply when the ready list's key holds
+-- something other than a list. Scripts that write the ready list check it
+-- before their first write: Redis does not roll back a script that fails
+-- halfway, and a message removed from one place must not miss the next.
+local function readyproblem()
+  local t = redis.call('TYPE', READY)
+  if type(t) == 'table' then t = t['ok'] end
+  if t ~= 'none' and t ~= 'list' then
+    return redis.error_reply('WRONGTYPE the queue key holds a ' .. tostring(t) .. ', not a list')
+  end
+end
+
 local function count(field, n)
   if n ~= 0 then redis.call('HINCRBY', COUNTERS, field, n) end
 end
@@ -221,6 +233,7 @@ end
 //	         earlier message with the same dedup key}
 //	     or {"FULL", messages held, max length}
 var enqueueScript = redis.NewScript(luaPrelude + `
+local bad = readyproblem(); if bad then return bad end
 local n = tonumber(ARGV[8])
 local now = nowms()
 local dups, seen, fresh = {}, {}, 0
@@ -361,6 +374,7 @@ return out
 //	ARGV[11..] lease ids, oldest delivery first
 //	returns {earliest due ms or 0, then one integer per lease id: 1 done, 0 not in flight}
 var nackScript = redis.NewScript(luaPrelude + `
+local bad = readyproblem(); if bad then return bad end
 local action, delay, errtext = ARGV[8], tonumber(ARGV[9]), ARGV[10]
 if action == 'retry' and delay == 0 then delay = -1 end
 if action ~= 'retry' and delay < 0 then delay = 0 end
@@ -419,6 +433,7 @@ return out
 //	KEYS standard   ARGV[8] LIMIT
 //	returns the number of leases handled
 var reapScript = redis.NewScript(luaPrelude + `
+local bad = readyproblem(); if bad then return bad end
 local now = nowms()
 local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
 local n = 0
@@ -442,6 +457,7 @@ return n
 //	KEYS standard   ARGV[8] LIMIT
 //	returns {messages promoted, next due ms (0: none left), Redis now ms}
 var promoteScript = redis.NewScript(luaPrelude + `
+local bad = readyproblem(); if bad then return bad end
 local now = nowms()
 local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
 for i = 1, #due do
@@ -472,6 +488,7 @@ return n
 //	KEYS standard   ARGV[8] "all" or "ids"   ARGV[9..] dead ids
 //	returns the number of dead letters replayed
 var replayScript = redis.NewScript(luaPrelude + `
+local bad = readyproblem(); if bad then return bad end
 local ids = {}
 if ARGV[8] == 'all' then
   ids = redis.call('ZRANGE', DEADIDX, 0, -1)
