@@ -169,8 +169,10 @@ local function pushready(e, head)
 end
 
 local mindue = 0
+-- schedule delays e until due. Members are zero-padded so that messages
+-- with the same due time are promoted in the order they were scheduled.
 local function schedule(e, due)
-  local member = 's' .. redis.call('INCR', SEQ)
+  local member = string.format('s%015d', redis.call('INCR', SEQ))
   redis.call('ZADD', DELAYED, due, member)
   redis.call('HSET', SCHED, member, e)
   if mindue == 0 or due < mindue then mindue = due end
@@ -199,16 +201,31 @@ local function backoff(e)
 end
 
 -- again decides the fate of a message that is to be delivered again:
--- dead-lettered when it used up its attempts, else back to the head of the
--- ready list, or scheduled after delay ms (delay < 0: the policy's backoff).
+-- dead-lettered when it used up its attempts, or scheduled after delay ms
+-- (delay < 0: the policy's backoff), or else it goes back to the head of the
+-- ready list: again then returns true and the caller pushes it, so that a
+-- batch can be pushed in reverse and keep its order at the head.
 local function again(e, delay, now)
   if deliveries(e) >= maxattempts(e) then
     deadletter(e, 'max attempts reached', now)
-    return
+    return false
   end
   if delay < 0 then delay = backoff(e) end
-  if delay > 0 then schedule(e, now + delay) else pushready(e, true) end
+  if delay > 0 then
+    schedule(e, now + delay)
+    return false
+  end
+  return true
 end
+
+-- pushheads pushes envelopes to the head of the ready list so that the
+-- first of them ends up first.
+local function pushheads(es)
+  for i = #es, 1, -1 do pushready(es[i], true) end
+end
+
+-- bylid orders lease ids numerically, which is delivery order.
+local function bylid(a, b) return tonumber(a) < tonumber(b) end
 
 -- expired reports whether e's ttl has passed, and disposes of it if so.
 local function expired(e, now)
@@ -376,12 +393,12 @@ return out
 var nackScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
 local action, delay, errtext = ARGV[8], tonumber(ARGV[9]), ARGV[10]
-if action == 'retry' and delay == 0 then delay = -1 end
 if action ~= 'retry' and delay < 0 then delay = 0 end
 local now = nowms()
 local out = {0}
 local n = 0
-for i = #ARGV, 11, -1 do
+local heads = {}
+for i = 11, #ARGV do
   local lid = ARGV[i]
   local e = redis.call('HGET', INFLIGHT, lid)
   out[i - 9] = 0
@@ -392,12 +409,13 @@ for i = #ARGV, 11, -1 do
     if errtext ~= '' then e = setmeta(e, 2, errtext) end
     if action == 'dead' then
       deadletter(e, 'nacked as dead letter', now)
-    else
-      again(e, delay, now)
+    elseif again(e, delay, now) then
+      heads[#heads + 1] = e
     end
     out[i - 9] = 1
   end
 end
+pushheads(heads)
 if action ~= 'end' then count('nacked', n) end
 out[1] = mindue
 return out
@@ -436,16 +454,19 @@ var reapScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
 local now = nowms()
 local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
+table.sort(expired, bylid)
 local n = 0
-for i = #expired, 1, -1 do
+local heads = {}
+for i = 1, #expired do
   local e = redis.call('HGET', INFLIGHT, expired[i])
   redis.call('HDEL', INFLIGHT, expired[i])
   redis.call('ZREM', LEASES, expired[i])
   if e then
     n = n + 1
-    again(e, 0, now)
+    if again(e, 0, now) then heads[#heads + 1] = e end
   end
 end
+pushheads(heads)
 count('lease_expired', n)
 return n
 `)
@@ -483,7 +504,7 @@ return n
 `)
 
 // replayScript moves dead letters back to the tail of the ready list with
-// their delivery count reset and their dead-letter fields removed.
+// their delivery count reset, their ttl and dead-letter fields removed.
 //
 //	KEYS standard   ARGV[8] "all" or "ids"   ARGV[9..] dead ids
 //	returns the number of dead letters replayed
@@ -502,6 +523,9 @@ for _, id in ipairs(ids) do
     redis.call('HDEL', DEAD, id)
     redis.call('ZREM', DEADIDX, id)
     e = setdeliveries(setmeta(setmeta(e, 3, nil), 4, nil), 0)
+    -- A replayed message gets a fresh start: no ttl either (it may be
+    -- why it died).
+    e = string.sub(e, 1, 16) .. be64(0) .. string.sub(e, 25)
     pushready(e, false)
     n = n + 1
   end
