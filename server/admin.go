@@ -1,6 +1,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"encoding/base64"
 	"fmt"
@@ -135,17 +136,19 @@ func (a *Admin) PeekMessages(ctx context.Context, req *qbridgev1.PeekMessagesReq
 	if err := a.known(ctx, req.GetQueue()); err != nil {
 		return nil, toStatus(err)
 	}
-	ps, err := a.s.b.Peek(ctx, req.GetQueue(), state, offset, int64(n)+1)
+	// One position more than the page tells whether there is a next page.
+	ps, read, err := a.s.b.Peek(ctx, req.GetQueue(), state, offset, int64(n)+1)
 	if err != nil {
 		return nil, toStatus(err)
 	}
 	resp := &qbridgev1.PeekMessagesResponse{}
-	if len(ps) > n {
-		ps = ps[:n]
+	if read > n {
 		resp.NextPageToken = encodePageToken(strconv.FormatInt(offset+int64(n), 10))
 	}
 	for _, p := range ps {
-		resp.Messages = append(resp.Messages, queuedMessage(p, req.GetState()))
+		if p.Pos < offset+int64(n) {
+			resp.Messages = append(resp.Messages, queuedMessage(p, req.GetState()))
+		}
 	}
 	return resp, nil
 }
@@ -225,7 +228,8 @@ func (a *Admin) DeleteQueue(ctx context.Context, req *qbridgev1.DeleteQueueReque
 	if err := a.s.b.DeleteQueue(ctx, req.GetQueue(), req.GetForce()); err != nil {
 		return nil, toStatus(err)
 	}
-	a.s.known.Delete(req.GetQueue())
+	// Every instance must register the queue again if it is recreated.
+	a.s.broadcast(ctx, "forget", req.GetQueue())
 	a.s.log.Info("queue deleted", "queue", req.GetQueue(), "force", req.GetForce())
 	return &qbridgev1.DeleteQueueResponse{}, nil
 }
@@ -304,6 +308,11 @@ func (a *Admin) UpdateQueueConfig(ctx context.Context, req *qbridgev1.UpdateQueu
 	if p.DedupWindow, err = durationIn("config.dedup_window", c.GetDedupWindow(), time.Second, 7*24*time.Hour); err != nil {
 		return nil, toStatus(invalidError{err})
 	}
+	d := a.s.b.Defaults()
+	effMin, effMax := cmp.Or(p.BackoffMin, d.BackoffMin), cmp.Or(p.BackoffMax, d.BackoffMax)
+	if effMin > effMax {
+		return nil, toStatus(invalidf("config.retry_policy: min_backoff %v would be above max_backoff %v", effMin, effMax))
+	}
 	if c.GetMaxLength() > 1<<40 {
 		return nil, toStatus(invalidf("config.max_length %d is absurd; the limit is %d", c.GetMaxLength(), int64(1)<<40))
 	}
@@ -332,7 +341,7 @@ func (a *Admin) UpdateQueueConfig(ctx context.Context, req *qbridgev1.UpdateQueu
 
 // effectiveConfig is the queue's stored policy over the server defaults.
 func (a *Admin) effectiveConfig(ctx context.Context, queue string) (*qbridgev1.QueueConfig, error) {
-	p, err := a.s.b.Config(ctx, queue)
+	p, storedExpired, err := a.s.b.Config(ctx, queue)
 	if err != nil {
 		return nil, err
 	}
@@ -352,7 +361,7 @@ func (a *Admin) effectiveConfig(ctx context.Context, queue string) (*qbridgev1.Q
 		maxLen = d.MaxLength
 	}
 	expired := qbridgev1.ExpiredAction_EXPIRED_ACTION_DROP
-	if p.ExpiredDeadLetter || d.ExpiredDeadLetter {
+	if storedExpired == "dead" || storedExpired == "" && d.ExpiredDeadLetter {
 		expired = qbridgev1.ExpiredAction_EXPIRED_ACTION_DEAD_LETTER
 	}
 	return &qbridgev1.QueueConfig{
@@ -369,13 +378,20 @@ func (a *Admin) effectiveConfig(ctx context.Context, queue string) (*qbridgev1.Q
 
 // broadcastKick wakes queue's dispatchers on every instance.
 func (s *Server) broadcastKick(ctx context.Context, queue string) {
-	s.kickQueue(queue)
-	if _, err := s.b.Publish(ctx, eventsChannel, []byte("kick "+queue)); err != nil {
-		s.log.Debug("cannot broadcast; other instances look again within a second", "err", err)
+	s.broadcast(ctx, "kick", queue)
+}
+
+// broadcast applies an event here and announces it to every instance.
+func (s *Server) broadcast(ctx context.Context, verb, queue string) {
+	s.applyEvent(verb + " " + queue)
+	if _, err := s.b.Publish(ctx, eventsChannel, []byte(verb+" "+queue)); err != nil {
+		s.log.Debug("cannot broadcast an event", "event", verb, "queue", queue, "err", err)
 	}
 }
 
-// eventsChannel carries events for every instance ("kick <queue>").
+// eventsChannel carries events for every instance: "kick <queue>" (look
+// at the queue again: it was resumed) and "forget <queue>" (it was deleted:
+// register it again when it is used).
 const eventsChannel = "{qbridge}:events"
 
 func (s *Server) applyEvent(payload string) {
@@ -383,6 +399,8 @@ func (s *Server) applyEvent(payload string) {
 	switch verb {
 	case "kick":
 		s.kickQueue(arg)
+	case "forget":
+		s.known.Delete(arg)
 	default:
 		s.log.Debug("unknown event", "event", fmt.Sprintf("%.64q", payload))
 	}

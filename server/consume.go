@@ -728,11 +728,17 @@ func (s *Server) settleLocal(ctx context.Context, ts []ackToken, ok []bool, sett
 }
 
 func (s *Server) forgetLocked(consumerID uint64, queue, leaseID string) {
-	if c := s.consumers[consumerID]; c != nil {
-		c.forget(queue, leaseID)
+	c := s.consumers[consumerID]
+	if c == nil {
+		return
 	}
-	if d := s.dispatchers[queue]; d != nil {
-		d.poke()
+	c.forget(queue, leaseID)
+	// The freed credit may be for any of the stream's queues: wake the
+	// dispatcher of each (a priority stream's lower queues wait on theirs).
+	for _, q := range c.queues {
+		if d := s.dispatchers[q]; d != nil {
+			d.poke()
+		}
 	}
 }
 

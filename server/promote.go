@@ -190,8 +190,14 @@ func newRateSampler(s *Server) *rateSampler {
 func (r *rateSampler) run(ctx context.Context) {
 	t := time.NewTicker(r.interval)
 	defer t.Stop()
-	for {
+	for i := 1; ; i++ {
 		r.sample(ctx)
+		if i%12 == 0 {
+			// About once a minute, forget which queues this process has
+			// registered, in case a "forget" event was missed: the next
+			// use of each registers it again.
+			r.s.known.Clear()
+		}
 		select {
 		case <-ctx.Done():
 			return

@@ -30,11 +30,15 @@ type Peeked struct {
 	// When is the due time (delayed), the lease deadline (in flight), or
 	// zero.
 	When time.Time
+	// Pos is the message's position in its state's order.
+	Pos int64
 }
 
-// Peek returns up to n messages of queue in state, starting at position
-// offset of that state's order, without changing anything.
-func (b *Broker) Peek(ctx context.Context, queue string, state State, offset, n int64) ([]Peeked, error) {
+// Peek returns the messages at positions offset to offset+n-1 of queue's
+// messages in state, without changing anything, and how many positions it
+// read (a message settled between the two reads is skipped, so fewer
+// messages than positions may come back).
+func (b *Broker) Peek(ctx context.Context, queue string, state State, offset, n int64) ([]Peeked, int, error) {
 	k := b.keys
 	var out []Peeked
 	decode := func(el string, p Peeked) {
@@ -49,12 +53,12 @@ func (b *Broker) Peek(ctx context.Context, queue string, state State, offset, n 
 	case StateReady:
 		els, err := b.rdb.LRange(ctx, k.Ready(queue), offset, offset+n-1).Result()
 		if err != nil {
-			return nil, wrap(err, "peek %q", queue)
+			return nil, 0, wrap(err, "peek %q", queue)
 		}
-		for _, el := range els {
-			decode(el, Peeked{})
+		for i, el := range els {
+			decode(el, Peeked{Pos: offset + int64(i)})
 		}
-		return out, nil
+		return out, len(els), nil
 	case StateDelayed, StateInFlight, StateDead:
 		index, store := k.Delayed(queue), k.Scheduled(queue)
 		if state == StateInFlight {
@@ -64,10 +68,10 @@ func (b *Broker) Peek(ctx context.Context, queue string, state State, offset, n 
 		}
 		zs, err := b.rdb.ZRangeWithScores(ctx, index, offset, offset+n-1).Result()
 		if err != nil {
-			return nil, wrap(err, "peek %q", queue)
+			return nil, 0, wrap(err, "peek %q", queue)
 		}
 		if len(zs) == 0 {
-			return nil, nil
+			return nil, 0, nil
 		}
 		members := make([]string, len(zs))
 		for i, z := range zs {
@@ -75,14 +79,14 @@ func (b *Broker) Peek(ctx context.Context, queue string, state State, offset, n 
 		}
 		els, err := b.rdb.HMGet(ctx, store, members...).Result()
 		if err != nil {
-			return nil, wrap(err, "peek %q", queue)
+			return nil, 0, wrap(err, "peek %q", queue)
 		}
 		for i, el := range els {
 			s, ok := el.(string)
 			if !ok {
 				continue // settled or moved between the two reads
 			}
-			p := Peeked{}
+			p := Peeked{Pos: offset + int64(i)}
 			if state != StateDelayed {
 				p.Key = members[i]
 			}
@@ -91,9 +95,9 @@ func (b *Broker) Peek(ctx context.Context, queue string, state State, offset, n 
 			}
 			decode(s, p)
 		}
-		return out, nil
+		return out, len(zs), nil
 	}
-	return nil, fmt.Errorf("peek %q: unknown state %d", queue, state)
+	return nil, 0, fmt.Errorf("peek %q: unknown state %d", queue, state)
 }
 
 // Purge removes every ready and delayed message of queue.
@@ -121,7 +125,11 @@ type InFlightError struct {
 }
 
 func (e *InFlightError) Error() string {
-	return fmt.Sprintf("queue %q has %d messages in flight; wait for them to be settled, or delete with force", e.Queue, e.InFlight)
+	noun := "messages"
+	if e.InFlight == 1 {
+		noun = "message"
+	}
+	return fmt.Sprintf("queue %q has %d %s in flight; wait for them to be settled, or delete with force", e.Queue, e.InFlight, noun)
 }
 
 // DeleteQueue removes queue's keys and forgets the queue.
@@ -143,7 +151,45 @@ func (b *Broker) DeleteQueue(ctx context.Context, queue string, force bool) erro
 		p.ZRem(ctx, b.keys.Due(), queue)
 		return nil
 	})
-	return wrap(err, "forget %q", queue)
+	if err != nil {
+		return wrap(err, "forget %q", queue)
+	}
+	return b.deleteDedupKeys(ctx, queue)
+}
+
+// deleteDedupKeys removes queue's remembered dedup keys, scanning with a
+// cursor so that Redis is never blocked for long. (On Redis Cluster this
+// scans the node the client picks; the keys share the queue's slot.)
+func (b *Broker) deleteDedupKeys(ctx context.Context, queue string) error {
+	pattern := globEscape(b.keys.Dedup(queue, "")) + "*"
+	var cursor uint64
+	for {
+		keys, next, err := b.rdb.Scan(ctx, cursor, pattern, 1000).Result()
+		if err != nil {
+			return wrap(err, "scan dedup keys of %q", queue)
+		}
+		if len(keys) > 0 {
+			if err := b.rdb.Unlink(ctx, keys...).Err(); err != nil {
+				return wrap(err, "delete dedup keys of %q", queue)
+			}
+		}
+		if cursor = next; cursor == 0 {
+			return nil
+		}
+	}
+}
+
+// globEscape escapes the characters special in a Redis MATCH pattern.
+func globEscape(s string) string {
+	var out []byte
+	for i := 0; i < len(s); i++ {
+		switch s[i] {
+		case '*', '?', '[', ']', '\\':
+			out = append(out, '\\')
+		}
+		out = append(out, s[i])
+	}
+	return string(out)
 }
 
 // ReplayDead moves dead letters (all, or those with the given ids) back to
@@ -167,16 +213,17 @@ func deadArgs(ids []string, all bool) []any {
 }
 
 // Config reads queue's stored policy; zero fields are not set.
-func (b *Broker) Config(ctx context.Context, queue string) (Policy, error) {
+// expiredAction is "" (not set), "drop" or "dead".
+func (b *Broker) Config(ctx context.Context, queue string) (p Policy, expiredAction string, err error) {
 	vals, err := b.rdb.HGetAll(ctx, b.keys.Config(queue)).Result()
 	if err != nil {
-		return Policy{}, wrap(err, "read config of %q", queue)
+		return Policy{}, "", wrap(err, "read config of %q", queue)
 	}
 	ms := func(f string) time.Duration {
 		v, _ := strconv.ParseInt(vals[f], 10, 64)
 		return time.Duration(v) * time.Millisecond
 	}
-	p := Policy{
+	p = Policy{
 		BackoffMin:        ms("backoff_min_ms"),
 		BackoffMax:        ms("backoff_max_ms"),
 		DedupWindow:       ms("dedup_window_ms"),
@@ -184,7 +231,7 @@ func (b *Broker) Config(ctx context.Context, queue string) (Policy, error) {
 	}
 	p.MaxAttempts, _ = strconv.Atoi(vals["max_attempts"])
 	p.MaxLength, _ = strconv.ParseInt(vals["max_length"], 10, 64)
-	return p, nil
+	return p, vals["expired_action"], nil
 }
 
 // SetConfig replaces queue's stored policy. Zero fields are left to the
