@@ -32,13 +32,25 @@
 //			return err // the stream broke (see status.Code(err)) or ctx ended
 //		}
 //		if err := send(d.Payload); err != nil {
-//			_ = d.Nack(ctx, true) // deliver again, with Attempt+1
+//			_ = d.Retry(ctx, err) // deliver again after a backoff, with Attempt+1
 //			continue
 //		}
 //		if err := d.Ack(ctx); err != nil {
 //			log.Printf("ack %s: %v", d.ID, err)
 //		}
 //	}
+//
+// # Delivery policies
+//
+// Enqueue options schedule a message (WithDelay, WithDeliverAt), make an
+// Enqueue idempotent (WithDedupKey; EnqueueResult reports duplicates), let
+// it expire (WithTTL), override the queue's retry policy (WithRetryPolicy),
+// or wait for room in a bounded queue (WithWaitForRoom); Message carries the
+// same settings for EnqueueBatch. A consumer settles a delivery with Ack,
+// Retry (again after a backoff, recording the error), DeadLetter, or Nack.
+// A message that has used up its attempts is dead-lettered; Admin gives the
+// AdminService client to inspect and replay dead letters. ConsumeQueues
+// consumes several queues in priority order, and Stats describes a queue.
 //
 // # Errors
 //
@@ -83,8 +95,9 @@ const (
 // Client is a qbridge client. It is safe for concurrent use by many
 // goroutines; one Client (one connection) is meant to be shared.
 type Client struct {
-	rpc  qbridgev1.QueueServiceClient
-	conn *grpc.ClientConn // set when Dial made the connection: Close closes it
+	rpc   qbridgev1.QueueServiceClient
+	admin qbridgev1.AdminServiceClient
+	conn  *grpc.ClientConn // set when Dial made the connection: Close closes it
 }
 
 // Option configures Dial.
@@ -136,13 +149,15 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Client{rpc: qbridgev1.NewQueueServiceClient(conn), conn: conn}, nil
+	c := New(conn)
+	c.conn = conn
+	return c, nil
 }
 
 // New returns a Client over an existing connection. The caller keeps
 // ownership of conn: Client.Close does not close it.
 func New(conn grpc.ClientConnInterface) *Client {
-	return &Client{rpc: qbridgev1.NewQueueServiceClient(conn)}
+	return &Client{rpc: qbridgev1.NewQueueServiceClient(conn), admin: qbridgev1.NewAdminServiceClient(conn)}
 }
 
 // Close closes the connection if Dial made it (ending every Consumer and
@@ -157,6 +172,12 @@ func (c *Client) Close() error {
 // Raw returns the generated gRPC client, for what this package does not
 // wrap (call options, per-call metadata, ...).
 func (c *Client) Raw() qbridgev1.QueueServiceClient { return c.rpc }
+
+// Admin returns the generated client of qbridge.v1.AdminService (listing,
+// peeking, purging, pausing and configuring queues, replaying dead letters)
+// over the same connection. Its errors are gRPC status errors too; the
+// server may permission it apart from QueueService.
+func (c *Client) Admin() qbridgev1.AdminServiceClient { return c.admin }
 
 // EnqueueOption configures Enqueue.
 type EnqueueOption func(*qbridgev1.EnqueueRequest)
@@ -173,21 +194,43 @@ func WithID(id string) EnqueueOption {
 	return func(r *qbridgev1.EnqueueRequest) { r.Id = id }
 }
 
-// Enqueue appends one message to the tail of queue and returns its id: the
-// one set with WithID, or the one the server assigned.
+// Enqueue appends one message to the tail of queue (or schedules it, see
+// WithDelay) and returns its id: the one set with WithID, or the one the
+// server assigned. When WithDedupKey matched an earlier message, nothing is
+// enqueued and the earlier message's id is returned without error; use
+// EnqueueResult to tell the two apart.
 func (c *Client) Enqueue(ctx context.Context, queue string, payload []byte, opts ...EnqueueOption) (id string, err error) {
+	res, err := c.EnqueueResult(ctx, queue, payload, opts...)
+	return res.ID, err
+}
+
+// EnqueueResult reports what an Enqueue did.
+type EnqueueResult struct {
+	// ID is the message id: the one given with WithID (or Message.ID), the
+	// one the server assigned, or, for a duplicate, the id of the earlier
+	// message with the same dedup key.
+	ID string
+	// Duplicate is true when the dedup key matched an earlier message that
+	// is still remembered (see WithDedupKey): nothing was enqueued.
+	Duplicate bool
+}
+
+// EnqueueResult is Enqueue that also reports whether the message was a
+// duplicate (see WithDedupKey).
+func (c *Client) EnqueueResult(ctx context.Context, queue string, payload []byte, opts ...EnqueueOption) (EnqueueResult, error) {
 	req := &qbridgev1.EnqueueRequest{Queue: queue, Payload: payload}
 	for _, o := range opts {
 		o(req)
 	}
 	resp, err := c.rpc.Enqueue(ctx, req)
 	if err != nil {
-		return "", err
+		return EnqueueResult{}, err
 	}
-	return resp.GetId(), nil
+	return EnqueueResult{ID: resp.GetId(), Duplicate: resp.GetDuplicate()}, nil
 }
 
-// Message is one message of EnqueueBatch.
+// Message is one message of EnqueueBatch. The zero value of each optional
+// field leaves it unset, like not passing the corresponding EnqueueOption.
 type Message struct {
 	// Payload is the message body. It may be empty.
 	Payload []byte
@@ -195,22 +238,82 @@ type Message struct {
 	Headers map[string]string
 	// ID is an optional client-chosen id; empty means server-assigned.
 	ID string
+	// Delay defers delivery by this long, as WithDelay (0 or less: none).
+	Delay time.Duration
+	// DeliverAt defers delivery until this time, as WithDeliverAt (zero:
+	// none). At most one of Delay and DeliverAt.
+	DeliverAt time.Time
+	// DedupKey is an optional idempotency key, as WithDedupKey.
+	DedupKey string
+	// TTL is how long the message may wait for delivery, as WithTTL (0 or
+	// less: forever).
+	TTL time.Duration
+	// RetryPolicy overrides the queue's retry policy for this message, as
+	// WithRetryPolicy (zero: the queue's policy).
+	RetryPolicy RetryPolicy
+}
+
+func (m *Message) proto() *qbridgev1.BatchMessage {
+	return &qbridgev1.BatchMessage{
+		Payload:     m.Payload,
+		Headers:     m.Headers,
+		Id:          m.ID,
+		Delay:       durationOrNil(m.Delay),
+		DeliverAt:   timeOrNil(m.DeliverAt),
+		DedupKey:    m.DedupKey,
+		Ttl:         durationOrNil(m.TTL),
+		RetryPolicy: m.RetryPolicy.proto(),
+	}
+}
+
+// EnqueueBatchOption configures EnqueueBatch and EnqueueBatchResult.
+type EnqueueBatchOption func(*qbridgev1.EnqueueBatchRequest)
+
+// WithBatchWaitForRoom is WithWaitForRoom for a batch: when the queue has a
+// max length and the whole batch does not fit, the call waits for room
+// (until ctx's deadline) instead of failing with RESOURCE_EXHAUSTED.
+func WithBatchWaitForRoom() EnqueueBatchOption {
+	return func(r *qbridgev1.EnqueueBatchRequest) { r.WaitForRoom = true }
 }
 
 // EnqueueBatch appends msgs to queue atomically and in order: either all are
-// enqueued or none is. It returns one id per message, in the same order. The
-// server caps the batch size (1000 by default) and rejects an empty batch
-// with INVALID_ARGUMENT.
-func (c *Client) EnqueueBatch(ctx context.Context, queue string, msgs []Message) ([]string, error) {
-	req := &qbridgev1.EnqueueBatchRequest{Queue: queue, Messages: make([]*qbridgev1.BatchMessage, len(msgs))}
-	for i, m := range msgs {
-		req.Messages[i] = &qbridgev1.BatchMessage{Payload: m.Payload, Headers: m.Headers, Id: m.ID}
-	}
-	resp, err := c.rpc.EnqueueBatch(ctx, req)
+// enqueued or none is. It returns one id per message, in the same order
+// (for a message whose dedup key matched, the earlier message's id; see
+// EnqueueBatchResult). The server caps the batch size (1000 by default) and
+// rejects an empty batch with INVALID_ARGUMENT.
+func (c *Client) EnqueueBatch(ctx context.Context, queue string, msgs []Message, opts ...EnqueueBatchOption) ([]string, error) {
+	resp, err := c.enqueueBatch(ctx, queue, msgs, opts)
 	if err != nil {
 		return nil, err
 	}
 	return resp.GetIds(), nil
+}
+
+// EnqueueBatchResult is EnqueueBatch that also reports, for each message in
+// order, whether it was a duplicate (see WithDedupKey). A dedup key given
+// twice in one batch makes the second message a duplicate of the first.
+func (c *Client) EnqueueBatchResult(ctx context.Context, queue string, msgs []Message, opts ...EnqueueBatchOption) ([]EnqueueResult, error) {
+	resp, err := c.enqueueBatch(ctx, queue, msgs, opts)
+	if err != nil {
+		return nil, err
+	}
+	ids, dups := resp.GetIds(), resp.GetDuplicate()
+	out := make([]EnqueueResult, len(ids))
+	for i, id := range ids {
+		out[i] = EnqueueResult{ID: id, Duplicate: i < len(dups) && dups[i]}
+	}
+	return out, nil
+}
+
+func (c *Client) enqueueBatch(ctx context.Context, queue string, msgs []Message, opts []EnqueueBatchOption) (*qbridgev1.EnqueueBatchResponse, error) {
+	req := &qbridgev1.EnqueueBatchRequest{Queue: queue, Messages: make([]*qbridgev1.BatchMessage, len(msgs))}
+	for i := range msgs {
+		req.Messages[i] = msgs[i].proto()
+	}
+	for _, o := range opts {
+		o(req)
+	}
+	return c.rpc.EnqueueBatch(ctx, req)
 }
 
 // Ack settles deliveries by their ack tokens (Delivery.AckToken, from any
@@ -240,13 +343,90 @@ func (c *Client) Publish(ctx context.Context, channel string, payload []byte) (r
 
 // QueueStats reports how many messages queue holds ready for delivery and
 // in flight (delivered, not yet settled or expired). An unknown queue is
-// empty.
+// empty. Stats reports more.
 func (c *Client) QueueStats(ctx context.Context, queue string) (ready, inFlight int64, err error) {
-	resp, err := c.rpc.GetQueueStats(ctx, &qbridgev1.GetQueueStatsRequest{Queue: queue})
+	st, err := c.Stats(ctx, queue)
 	if err != nil {
 		return 0, 0, err
 	}
-	return resp.GetReady(), resp.GetInFlight(), nil
+	return st.Ready, st.InFlight, nil
+}
+
+// QueueStats describes a queue at one moment, as Client.Stats reports it.
+type QueueStats struct {
+	// Queue is the queue's name.
+	Queue string
+	// Ready is how many messages wait to be delivered.
+	Ready int64
+	// InFlight is how many messages are delivered and not yet acked,
+	// nacked or expired.
+	InFlight int64
+	// Delayed is how many messages wait for their delivery time (delayed,
+	// scheduled, or retrying after a backoff).
+	Delayed int64
+	// Dead is how many dead letters the queue holds.
+	Dead int64
+	// OldestReadyAge is how long the message at the head of the queue has
+	// been waiting; 0 when the queue is empty or its head was pushed by a
+	// plain Redis client.
+	OldestReadyAge time.Duration
+	// EnqueueRate is messages enqueued per second over about the last
+	// minute (0 until the server has watched the queue for a few seconds).
+	EnqueueRate float64
+	// AckRate is deliveries acked per second over about the last minute.
+	AckRate float64
+	// Paused tells whether the queue is paused (see AdminService.PauseQueue).
+	Paused bool
+	// Counters are the queue's event totals.
+	Counters QueueCounters
+}
+
+// QueueCounters are a queue's event totals since its counters began.
+type QueueCounters struct {
+	// Enqueued counts messages enqueued through qbridge, duplicates
+	// excluded.
+	Enqueued int64
+	// Acked counts deliveries acked.
+	Acked int64
+	// Nacked counts deliveries nacked (any action).
+	Nacked int64
+	// LeaseExpired counts deliveries whose lease ran out.
+	LeaseExpired int64
+	// DeadLettered counts messages moved to the dead letters.
+	DeadLettered int64
+	// Expired counts messages dropped or dead-lettered because their TTL
+	// passed.
+	Expired int64
+}
+
+// Stats describes queue: its message counts by state, the age of its oldest
+// ready message, its enqueue and ack rates, whether it is paused, and its
+// counters. An unknown queue is empty.
+func (c *Client) Stats(ctx context.Context, queue string) (*QueueStats, error) {
+	resp, err := c.rpc.GetQueueStats(ctx, &qbridgev1.GetQueueStatsRequest{Queue: queue})
+	if err != nil {
+		return nil, err
+	}
+	ct := resp.GetCounters()
+	return &QueueStats{
+		Queue:          resp.GetQueue(),
+		Ready:          resp.GetReady(),
+		InFlight:       resp.GetInFlight(),
+		Delayed:        resp.GetDelayed(),
+		Dead:           resp.GetDead(),
+		OldestReadyAge: resp.GetOldestReadyAge().AsDuration(), // 0 when unset
+		EnqueueRate:    resp.GetEnqueueRate(),
+		AckRate:        resp.GetAckRate(),
+		Paused:         resp.GetPaused(),
+		Counters: QueueCounters{
+			Enqueued:     ct.GetEnqueued(),
+			Acked:        ct.GetAcked(),
+			Nacked:       ct.GetNacked(),
+			LeaseExpired: ct.GetLeaseExpired(),
+			DeadLettered: ct.GetDeadLettered(),
+			Expired:      ct.GetExpired(),
+		},
+	}, nil
 }
 
 // durationOrNil converts d, leaving the field unset (the server's default)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"math"
 	"sync"
 	"time"
 
@@ -25,14 +24,7 @@ type ConsumeOption func(*qbridgev1.ConsumeRequest)
 // (1024 by default) make the stream fail with INVALID_ARGUMENT.
 func WithMaxInFlight(n int) ConsumeOption {
 	return func(r *qbridgev1.ConsumeRequest) {
-		switch {
-		case n <= 0:
-			r.MaxInFlight = 0
-		case uint64(n) > math.MaxUint32:
-			r.MaxInFlight = math.MaxUint32
-		default:
-			r.MaxInFlight = uint32(n)
-		}
+		r.MaxInFlight = clampUint32(n)
 	}
 }
 
@@ -60,7 +52,28 @@ func WithAutoAck() ConsumeOption {
 // server shutting down) on the stream, so such errors are returned by the
 // first call to Next, not by Consume.
 func (c *Client) Consume(ctx context.Context, queue string, opts ...ConsumeOption) (*Consumer, error) {
-	req := &qbridgev1.ConsumeRequest{Queue: queue}
+	return c.consume(ctx, &qbridgev1.ConsumeRequest{Queue: queue}, opts)
+}
+
+// ConsumeQueues opens one delivery stream on several queues (the server
+// accepts up to 16, each at most once) in strict priority order, highest
+// first: every delivery comes from the first queue in the list that has a
+// ready message, so a lower queue is served only while all higher ones are
+// empty (or paused). Delivery.Queue tells which queue a delivery came from.
+// The options apply to the stream as a whole: WithMaxInFlight bounds the
+// deliveries held from all queues together.
+//
+// Otherwise it is like Consume; rejected requests are reported by the first
+// Next, except an empty list, which ConsumeQueues rejects itself with
+// INVALID_ARGUMENT.
+func (c *Client) ConsumeQueues(ctx context.Context, queues []string, opts ...ConsumeOption) (*Consumer, error) {
+	if len(queues) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "qbridge: ConsumeQueues needs at least one queue")
+	}
+	return c.consume(ctx, &qbridgev1.ConsumeRequest{Queues: queues}, opts)
+}
+
+func (c *Client) consume(ctx context.Context, req *qbridgev1.ConsumeRequest, opts []ConsumeOption) (*Consumer, error) {
 	for _, o := range opts {
 		o(req)
 	}
@@ -157,6 +170,10 @@ type Delivery struct {
 	// LeaseDeadline is when the lease runs out unless extended; zero for
 	// auto-ack consumers.
 	LeaseDeadline time.Time
+	// LastError is the error text of the latest Retry or DeadLetter of
+	// this message that gave one (also kept when a dead letter is
+	// replayed), or "" when there was none.
+	LastError string
 
 	client *Client
 }
@@ -171,6 +188,7 @@ func (c *Client) delivery(d *qbridgev1.Delivery) *Delivery {
 		Attempt:       int(d.GetAttempt()),
 		AckToken:      d.GetAckToken(),
 		LeaseDeadline: timeOrZero(d.GetLeaseDeadline()),
+		LastError:     d.GetLastError(),
 		client:        c,
 	}
 }
@@ -205,18 +223,53 @@ func (d *Delivery) Ack(ctx context.Context) error {
 }
 
 // Nack gives the delivery back: with requeue the message goes back to the
-// head of its queue and is delivered again with the same ID and Attempt+1;
-// without, it is dropped for good. Fenced like Ack.
+// head of its queue and is delivered again at once with the same ID and
+// Attempt+1; without, it is dropped for good. Fenced like Ack. A requeued
+// message that has used up its retry policy's attempts is dead-lettered
+// instead.
 func (d *Delivery) Nack(ctx context.Context, requeue bool) error {
-	tok, err := d.token("nack")
-	if err != nil {
-		return err
-	}
 	action := qbridgev1.NackAction_NACK_ACTION_REQUEUE
 	if !requeue {
 		action = qbridgev1.NackAction_NACK_ACTION_DROP
 	}
-	_, err = d.client.rpc.Nack(ctx, &qbridgev1.NackRequest{AckTokens: []string{tok}, Action: action})
+	return d.nack(ctx, "nack", &qbridgev1.NackRequest{Action: action})
+}
+
+// Retry gives the delivery back to be delivered again, with the same ID and
+// Attempt+1, after the retry policy's backoff (see RetryPolicy) or the delay
+// given with WithRetryDelay; while it waits, it counts as delayed. If it has
+// used up the policy's MaxAttempts, it is dead-lettered instead.
+//
+// err says why processing failed: its text (cut to 4 KiB, the server's
+// limit) becomes the redelivery's LastError and is kept in the dead letter;
+// a nil err keeps the previous LastError. Fenced like Ack.
+func (d *Delivery) Retry(ctx context.Context, err error, opts ...RetryOption) error {
+	req := &qbridgev1.NackRequest{Action: qbridgev1.NackAction_NACK_ACTION_RETRY, Error: errorText(err)}
+	for _, o := range opts {
+		o(req)
+	}
+	return d.nack(ctx, "retry", req)
+}
+
+// DeadLetter moves the message to its queue's dead letters now, without
+// further attempts: for a message that can never be processed. err says
+// why, as for Retry; the dead letter (see AdminService.PeekMessages with
+// MESSAGE_STATE_DEAD) keeps its text. Fenced like Ack.
+func (d *Delivery) DeadLetter(ctx context.Context, err error) error {
+	return d.nack(ctx, "dead-letter", &qbridgev1.NackRequest{
+		Action: qbridgev1.NackAction_NACK_ACTION_DEAD_LETTER,
+		Error:  errorText(err),
+	})
+}
+
+// nack sends req for the delivery's token.
+func (d *Delivery) nack(ctx context.Context, op string, req *qbridgev1.NackRequest) error {
+	tok, err := d.token(op)
+	if err != nil {
+		return err
+	}
+	req.AckTokens = []string{tok}
+	_, err = d.client.rpc.Nack(ctx, req)
 	return err
 }
 

@@ -47,7 +47,9 @@ func Example() {
 			log.Fatalf("consume: %v (code %v)", err, status.Code(err))
 		}
 		if err := handle(d); err != nil {
-			_ = d.Nack(ctx, d.Attempt < 5) // retry a few times, then drop
+			// Deliver it again after a backoff; once it has used up the
+			// queue's max attempts it becomes a dead letter instead.
+			_ = d.Retry(ctx, err)
 			continue
 		}
 		if err := d.Ack(ctx); status.Code(err) == codes.FailedPrecondition {

@@ -67,6 +67,7 @@ func newEnv(t *testing.T, dialOpts ...client.Option) *testEnv {
 		PermitWithoutStream: true,
 	}))
 	qbridgev1.RegisterQueueServiceServer(e.gs, e.srv)
+	qbridgev1.RegisterAdminServiceServer(e.gs, e.srv.Admin())
 	served := make(chan error, 1)
 	go func() { served <- e.gs.Serve(lis) }()
 
