@@ -13,16 +13,21 @@ import (
 // Delayed messages wait in their queue's delayed zset. A global index
 // (qbridge:due) holds each queue's earliest due time. Every instance runs
 // one promoter: it sleeps until the earliest time in the index (or until
-// this instance schedules something earlier, or at most a second), then runs
-// the promote script for each queue that is due. The script moves due
+// this instance schedules something, or at most a second), then runs the
+// promote script for each queue that is due. The script moves due
 // messages to the ready list atomically and in due order, so several
 // instances promoting at once never promote a message twice, and the work is
 // O(due). The instance that scheduled a message always knows its due time
-// at once; others find it in the index within a second.
+// at once; others find it in the index within a second. Writing the index is
+// a separate step from scheduling (the keys live in different cluster
+// slots), so every few seconds each promoter also sweeps the known queues and
+// puts back any queue with delayed messages that the index lacks (its
+// scheduler died between the two steps).
 
 const (
 	promoteBatch    = 1000
 	promoterMaxIdle = time.Second
+	sweepInterval   = 5 * time.Second
 )
 
 type promoter struct {
@@ -30,7 +35,6 @@ type promoter struct {
 	wake chan struct{} // capacity 1
 
 	mu     sync.Mutex
-	next   time.Time     // earliest due time this instance knows of
 	offset time.Duration // Redis clock minus local clock
 }
 
@@ -43,21 +47,18 @@ func (s *Server) noteDue(ctx context.Context, queue string, due time.Time) {
 	if err := s.b.NoteDue(ctx, queue, due); err != nil {
 		s.log.Warn("cannot index a delayed message's due time; it is promoted at the next full check", "queue", queue, "err", err)
 	}
-	p := s.promoter
-	p.mu.Lock()
-	if p.next.IsZero() || due.Before(p.next) {
-		p.next = due
-		select {
-		case p.wake <- struct{}{}:
-		default:
-		}
+	// Always wake the promoter: it may be in the middle of a pass that
+	// read the index before this entry was written.
+	select {
+	case s.promoter.wake <- struct{}{}:
+	default:
 	}
-	p.mu.Unlock()
 }
 
 func (p *promoter) run(ctx context.Context) {
 	t := time.NewTimer(0)
 	defer t.Stop()
+	lastSweep := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -65,11 +66,14 @@ func (p *promoter) run(ctx context.Context) {
 		case <-t.C:
 		case <-p.wake:
 		}
+		if time.Since(lastSweep) >= sweepInterval {
+			p.sweep(ctx)
+			lastSweep = time.Now()
+		}
 		// The index is authoritative (noteDue writes it before waking us),
 		// so what promoteDue returns is the next thing to do.
 		next := p.promoteDue(ctx)
 		p.mu.Lock()
-		p.next = next
 		offset := p.offset
 		p.mu.Unlock()
 		sleep := promoterMaxIdle
@@ -83,6 +87,30 @@ func (p *promoter) run(ctx context.Context) {
 			}
 		}
 		t.Reset(sleep)
+	}
+}
+
+// sweep puts back into the due index every known queue that has delayed
+// messages: the index entry is written after the messages are scheduled,
+// and an instance that died in between left them unindexed.
+func (p *promoter) sweep(ctx context.Context) {
+	s := p.s
+	qs, err := s.b.RegisteredQueues(ctx)
+	if err != nil {
+		return
+	}
+	for len(qs) > 0 {
+		batch := qs[:min(len(qs), 500)]
+		qs = qs[len(batch):]
+		firsts, err := s.b.FirstDelayedMany(ctx, batch)
+		if err != nil {
+			return
+		}
+		for i, first := range firsts {
+			if !first.IsZero() {
+				_ = s.b.NoteDue(ctx, batch[i], first)
+			}
+		}
 	}
 }
 

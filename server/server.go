@@ -286,7 +286,10 @@ func (s *Server) enqueue(ctx context.Context, queue string, waitForRoom bool, ms
 		var err error
 		res, err = s.b.EnqueueMany(ctx, queue, out)
 		var full *broker.QueueFullError
-		if !errors.As(err, &full) || !waitForRoom {
+		if errors.As(err, &full) && !waitForRoom {
+			return res, fmt.Errorf("%w; retry later, or set wait_for_room to wait for consumers to make room", err)
+		}
+		if !errors.As(err, &full) {
 			if err == nil && !res.FirstDue.IsZero() {
 				s.noteDue(ctx, queue, res.FirstDue)
 			}
@@ -317,8 +320,16 @@ func (s *Server) newMessage(m *qbridgev1.BatchMessage, raw bool, queue string) (
 	if err := validateHeaders(m.GetHeaders()); err != nil {
 		return nm, err
 	}
-	if raw && len(m.GetHeaders()) > 0 {
-		return nm, fmt.Errorf("queue %q is in raw mode (plain Redis consumers read it), which cannot store headers", queue)
+	if raw {
+		// A raw-mode list holds bare payloads: nothing else survives.
+		switch {
+		case len(m.GetHeaders()) > 0:
+			return nm, fmt.Errorf("queue %q is in raw mode (plain Redis consumers read it), which cannot store headers", queue)
+		case m.GetTtl() != nil:
+			return nm, fmt.Errorf("queue %q is in raw mode (plain Redis consumers read it), which cannot store a ttl", queue)
+		case m.GetRetryPolicy() != nil:
+			return nm, fmt.Errorf("queue %q is in raw mode (plain Redis consumers read it), which cannot store a retry policy; set it on the queue", queue)
+		}
 	}
 	if k := m.GetDedupKey(); k != "" {
 		if err := validateID(k); err != nil {

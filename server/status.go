@@ -49,7 +49,7 @@ func toStatus(err error) error {
 	case errors.As(err, &nf):
 		return status.Error(codes.NotFound, err.Error())
 	case errors.As(err, &full):
-		return status.Error(codes.ResourceExhausted, err.Error()+"; retry later, or set wait_for_room to wait for consumers to make room")
+		return status.Error(codes.ResourceExhausted, err.Error())
 	case errors.As(err, &busy):
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.As(err, &stale):

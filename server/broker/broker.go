@@ -115,9 +115,9 @@ func (b *Broker) run(ctx context.Context, s *redis.Script, queue string, extraKe
 	if b.isRaw(queue) {
 		raw = "1"
 	}
-	argv := make([]any, 0, 7+len(args))
+	argv := make([]any, 0, 8+len(args))
 	argv = append(argv, raw, d.MaxAttempts, d.BackoffMin.Milliseconds(), d.BackoffMax.Milliseconds(),
-		expired, rand.Int32N(1<<30)+1, d.DedupWindow.Milliseconds())
+		expired, rand.Int32N(1<<30)+1, d.DedupWindow.Milliseconds(), d.MaxLength)
 	argv = append(argv, args...)
 	return s.Run(ctx, b.rdb, keys, argv...)
 }
@@ -459,6 +459,28 @@ func (b *Broker) FirstDelayed(ctx context.Context, queue string) (time.Time, err
 		return time.Time{}, wrap(err, "read delayed of %q", queue)
 	}
 	return time.UnixMilli(int64(zs[0].Score)), nil
+}
+
+// FirstDelayedMany returns the due time of each queue's earliest delayed
+// message (zero: none), in one round trip.
+func (b *Broker) FirstDelayedMany(ctx context.Context, queues []string) ([]time.Time, error) {
+	cmds := make([]*redis.ZSliceCmd, len(queues))
+	_, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, q := range queues {
+			cmds[i] = p.ZRangeWithScores(ctx, b.keys.Delayed(q), 0, 0)
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return nil, wrap(err, "read delayed messages")
+	}
+	out := make([]time.Time, len(queues))
+	for i, c := range cmds {
+		if zs := c.Val(); len(zs) > 0 {
+			out[i] = time.UnixMilli(int64(zs[0].Score))
+		}
+	}
+	return out, nil
 }
 
 // RegisterQueue records queue in the set of known queues.

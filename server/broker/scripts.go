@@ -23,8 +23,8 @@ import "github.com/redis/go-redis/v9"
 //	ARGV[1] raw mode "1"/"0"      ARGV[5] expired action "drop"/"dead"
 //	ARGV[2] max attempts          ARGV[6] random seed for backoff jitter
 //	ARGV[3] min backoff ms        ARGV[7] dedup window ms
-//	ARGV[4] max backoff ms
-//	ARGV[8..] script-specific
+//	ARGV[4] max backoff ms        ARGV[8] max length (0: none)
+//	ARGV[9..] script-specific
 
 // luaPrelude holds what the queue scripts share.
 const luaPrelude = `
@@ -71,7 +71,7 @@ local function policy()
       bmin = tonumber(v[2]) or tonumber(ARGV[3]),
       bmax = tonumber(v[3]) or tonumber(ARGV[4]),
       expact = v[4] or ARGV[5],
-      maxlen = tonumber(v[5]) or 0,
+      maxlen = tonumber(v[5]) or tonumber(ARGV[8]),
       dedup = tonumber(v[6]) or tonumber(ARGV[7]),
     }
   end
@@ -243,7 +243,7 @@ end
 // enqueued; the id remembered for the key is returned instead.
 //
 //	KEYS    standard; KEYS[12..] dedup keys
-//	ARGV[8] number of messages, then 5 per message:
+//	ARGV[9] number of messages, then 5 per message:
 //	        envelope, delay ms, deliver-at unix ms (0: none), ttl ms (0: none),
 //	        index of its dedup key in KEYS (0: none)
 //	returns {"OK", earliest due ms or 0, then per message "" or the id of the
@@ -251,11 +251,11 @@ end
 //	     or {"FULL", messages held, max length}
 var enqueueScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
-local n = tonumber(ARGV[8])
+local n = tonumber(ARGV[9])
 local now = nowms()
 local dups, seen, fresh = {}, {}, 0
 for i = 1, n do
-  local base = 8 + (i - 1) * 5
+  local base = 9 + (i - 1) * 5
   local k = tonumber(ARGV[base + 5])
   dups[i] = ''
   if k > 0 then
@@ -279,7 +279,7 @@ if maxlen > 0 and fresh > 0 then
 end
 local out = {'OK', 0}
 for i = 1, n do
-  local base = 8 + (i - 1) * 5
+  local base = 9 + (i - 1) * 5
   local e, delay, at, ttl, k = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
       tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
   if dups[i] == '' then
@@ -304,13 +304,13 @@ return out
 // ttl passed are dropped or dead-lettered instead. A paused queue gives
 // nothing.
 //
-//	KEYS standard   ARGV[8] COUNT   ARGV[9] lease duration in ms
+//	KEYS standard   ARGV[9] COUNT   ARGV[10] lease duration in ms
 //	returns {remaining ready length (-1: paused), lease deadline ms, lid1, envelope1, ...}
 var claimScript = redis.NewScript(luaPrelude + `
 if redis.call('EXISTS', PAUSED) == 1 then return {-1, 0} end
-local els = redis.call('LPOP', READY, tonumber(ARGV[8]))
+local els = redis.call('LPOP', READY, tonumber(ARGV[9]))
 local now = nowms()
-local deadline = now + tonumber(ARGV[9])
+local deadline = now + tonumber(ARGV[10])
 if not els then return {0, deadline} end
 local out = {0, deadline}
 local h, z = {}, {}
@@ -343,11 +343,11 @@ return out
 // Expired messages are dropped or dead-lettered; a paused queue gives
 // nothing.
 //
-//	KEYS standard   ARGV[8] COUNT
+//	KEYS standard   ARGV[9] COUNT
 //	returns {remaining ready length (-1: paused), element1, element2, ...}
 var popScript = redis.NewScript(luaPrelude + `
 if redis.call('EXISTS', PAUSED) == 1 then return {-1} end
-local els = redis.call('LPOP', READY, tonumber(ARGV[8]))
+local els = redis.call('LPOP', READY, tonumber(ARGV[9]))
 if not els then return {0} end
 local now = nowms()
 local out = {0}
@@ -363,11 +363,11 @@ return out
 
 // settleScript removes leases for good: Ack, or Nack with drop.
 //
-//	KEYS standard   ARGV[8] counter to bump ("acked" or "nacked")   ARGV[9..] lease ids
+//	KEYS standard   ARGV[9] counter to bump ("acked" or "nacked")   ARGV[10..] lease ids
 //	returns one integer per lease id: 1 settled, 0 not in flight (stale token)
 var settleScript = redis.NewScript(luaPrelude + `
 local out, n = {}, 0
-for i = 9, #ARGV do
+for i = 10, #ARGV do
   local r = redis.call('HDEL', INFLIGHT, ARGV[i])
   if r == 1 then
     redis.call('ZREM', LEASES, ARGV[i])
@@ -375,33 +375,33 @@ for i = 9, #ARGV do
   end
   out[#out + 1] = r
 end
-count(ARGV[8], n)
+count(ARGV[9], n)
 return out
 `)
 
 // nackScript gives leased messages back: "requeue" (head of the ready list,
-// or after ARGV[9] ms), "retry" (after the backoff, or ARGV[9] ms), "dead"
+// or after ARGV[10] ms), "retry" (after the backoff, or ARGV[10] ms), "dead"
 // (to the dead letters), or "end" (a stream ended: like requeue, not counted
 // as a nack). Whatever is to be delivered again but used up its attempts is
 // dead-lettered. Entries no longer in flight are skipped, so a stale lease
 // id never touches a newer delivery.
 //
 //	KEYS standard
-//	ARGV[8] action   ARGV[9] delay ms (-1: none)   ARGV[10] error text ("" none)
-//	ARGV[11..] lease ids, oldest delivery first
+//	ARGV[9] action   ARGV[10] delay ms (-1: none)   ARGV[11] error text ("" none)
+//	ARGV[12..] lease ids, oldest delivery first
 //	returns {earliest due ms or 0, then one integer per lease id: 1 done, 0 not in flight}
 var nackScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
-local action, delay, errtext = ARGV[8], tonumber(ARGV[9]), ARGV[10]
+local action, delay, errtext = ARGV[9], tonumber(ARGV[10]), ARGV[11]
 if action ~= 'retry' and delay < 0 then delay = 0 end
 local now = nowms()
 local out = {0}
 local n = 0
 local heads = {}
-for i = 11, #ARGV do
+for i = 12, #ARGV do
   local lid = ARGV[i]
   local e = redis.call('HGET', INFLIGHT, lid)
-  out[i - 9] = 0
+  out[i - 10] = 0
   if e then
     redis.call('HDEL', INFLIGHT, lid)
     redis.call('ZREM', LEASES, lid)
@@ -412,7 +412,7 @@ for i = 11, #ARGV do
     elseif again(e, delay, now) then
       heads[#heads + 1] = e
     end
-    out[i - 9] = 1
+    out[i - 10] = 1
   end
 end
 pushheads(heads)
@@ -448,12 +448,12 @@ return out
 // letters when its attempts are used up. Safe to run from several instances
 // at once: each expired lease is handled once.
 //
-//	KEYS standard   ARGV[8] LIMIT
+//	KEYS standard   ARGV[9] LIMIT
 //	returns the number of leases handled
 var reapScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
 local now = nowms()
-local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
+local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[9]))
 table.sort(expired, bylid)
 local n = 0
 local heads = {}
@@ -475,12 +475,12 @@ return n
 // the tail of the ready list, in due order. Safe to run from several
 // instances at once: each message is promoted once.
 //
-//	KEYS standard   ARGV[8] LIMIT
+//	KEYS standard   ARGV[9] LIMIT
 //	returns {messages promoted, next due ms (0: none left), Redis now ms}
 var promoteScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
 local now = nowms()
-local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, tonumber(ARGV[8]))
+local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, tonumber(ARGV[9]))
 for i = 1, #due do
   local e = redis.call('HGET', SCHED, due[i])
   redis.call('HDEL', SCHED, due[i])
@@ -506,15 +506,15 @@ return n
 // replayScript moves dead letters back to the tail of the ready list with
 // their delivery count reset, their ttl and dead-letter fields removed.
 //
-//	KEYS standard   ARGV[8] "all" or "ids"   ARGV[9..] dead ids
+//	KEYS standard   ARGV[9] "all" or "ids"   ARGV[10..] dead ids
 //	returns the number of dead letters replayed
 var replayScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
 local ids = {}
-if ARGV[8] == 'all' then
+if ARGV[9] == 'all' then
   ids = redis.call('ZRANGE', DEADIDX, 0, -1)
 else
-  for i = 9, #ARGV do ids[#ids + 1] = ARGV[i] end
+  for i = 10, #ARGV do ids[#ids + 1] = ARGV[i] end
 end
 local n = 0
 for _, id in ipairs(ids) do
@@ -535,16 +535,16 @@ return n
 
 // deleteDeadScript removes dead letters for good.
 //
-//	KEYS standard   ARGV[8] "all" or "ids"   ARGV[9..] dead ids
+//	KEYS standard   ARGV[9] "all" or "ids"   ARGV[10..] dead ids
 //	returns the number of dead letters removed
 var deleteDeadScript = redis.NewScript(luaPrelude + `
-if ARGV[8] == 'all' then
+if ARGV[9] == 'all' then
   local n = redis.call('ZCARD', DEADIDX)
   redis.call('DEL', DEAD, DEADIDX)
   return n
 end
 local n = 0
-for i = 9, #ARGV do
+for i = 10, #ARGV do
   if redis.call('HDEL', DEAD, ARGV[i]) == 1 then
     redis.call('ZREM', DEADIDX, ARGV[i])
     n = n + 1
@@ -556,11 +556,11 @@ return n
 // deleteQueueScript removes a queue's keys. The lease id counter stays, so
 // lease ids are never reused and old ack tokens stay stale.
 //
-//	KEYS standard   ARGV[8] "force" or ""
+//	KEYS standard   ARGV[9] "force" or ""
 //	returns {"OK"} or {"INFLIGHT", messages in flight}
 var deleteQueueScript = redis.NewScript(luaPrelude + `
 local inflight = redis.call('HLEN', INFLIGHT)
-if inflight > 0 and ARGV[8] ~= 'force' then return {'INFLIGHT', inflight} end
+if inflight > 0 and ARGV[9] ~= 'force' then return {'INFLIGHT', inflight} end
 redis.call('DEL', READY, INFLIGHT, LEASES, DELAYED, SCHED, DEAD, DEADIDX, CONFIG, COUNTERS, PAUSED)
 return {'OK'}
 `)
