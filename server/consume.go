@@ -322,7 +322,9 @@ func (d *dispatcher) run() {
 		case <-ctx.Done():
 		}
 	}()
-	s.registerQueue(ctx, d.queue)
+	if err := s.b.RegisterQueue(ctx, d.queue); err != nil {
+		s.log.Warn("cannot register queue for lease reaping", "queue", d.queue, "err", err)
+	}
 	backoff := s.opts.claimRetryBackoff
 	for {
 		cs, ok := d.hungry()

@@ -354,7 +354,7 @@ func TestOverwrittenQueueKeyLosesNothing(t *testing.T) {
 	if n := plain.HLen(ctx, "{clobber}:qb:scheduled").Val(); n != 1 {
 		t.Fatalf("the delayed message left the scheduled hash: %d there", n)
 	}
-	if plain.Exists(ctx, "{clobber}:qb:dedup:k1").Val() != 0 {
+	if plain.HExists(ctx, "{clobber}:qb:dedup", "k1").Val() {
 		t.Fatal("the failed enqueue recorded its dedup key")
 	}
 	// Once the key is a list again, everything flows.

@@ -396,7 +396,7 @@ func TestScheduleBadInput(t *testing.T) {
 	if st.GetReady()+st.GetDelayed()+st.GetCounters().GetEnqueued() != 0 {
 		t.Fatalf("refused enqueues wrote something: %v", st)
 	}
-	if n := in.rdb.Keys(ctx, "{"+q+"}:qb:dedup:*").Val(); len(n) != 0 {
+	if n := in.rdb.HKeys(ctx, "{"+q+"}:qb:dedup").Val(); len(n) != 0 {
 		t.Fatalf("refused enqueues remembered dedup keys %v", n)
 	}
 	// The bounds themselves are accepted.
@@ -1054,7 +1054,7 @@ func TestBoundedQueueRejects(t *testing.T) {
 				t.Fatalf("duplicate on a full queue = %v, %v; want duplicate of b1", r, err)
 			}
 			// The refused enqueue with a key did not remember it.
-			if in.rdb.Exists(ctx, "{"+q+"}:qb:dedup:k-new").Val() != 0 {
+			if in.rdb.HExists(ctx, "{"+q+"}:qb:dedup", "k-new").Val() {
 				t.Fatal("a refused enqueue remembered its dedup key")
 			}
 			// A consumer takes the ready messages: in flight they take no

@@ -285,6 +285,12 @@ func (s *Server) enqueue(ctx context.Context, queue string, waitForRoom bool, ms
 	for {
 		var err error
 		res, err = s.b.EnqueueMany(ctx, queue, out)
+		if err == nil && res.Created {
+			// New, or deleted (through any instance) and recreated: make
+			// sure it is registered whatever this process remembers.
+			s.known.Delete(queue)
+			s.registerQueue(ctx, queue)
+		}
 		var full *broker.QueueFullError
 		if errors.As(err, &full) && !waitForRoom {
 			return res, fmt.Errorf("%w; retry later, or set wait_for_room to wait for consumers to make room", err)
@@ -366,6 +372,17 @@ func (s *Server) newMessage(m *qbridgev1.BatchMessage, raw bool, queue string) (
 	return nm, nil
 }
 
+// dispatchedQueues lists the queues with a dispatcher on this instance.
+func (s *Server) dispatchedQueues() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	qs := make([]string, 0, len(s.dispatchers))
+	for q := range s.dispatchers {
+		qs = append(qs, q)
+	}
+	return qs
+}
+
 // registerQueue records a queue in the known set once per process.
 func (s *Server) registerQueue(ctx context.Context, queue string) {
 	if _, seen := s.known.Load(queue); seen {
@@ -430,6 +447,9 @@ func (s *Server) reapLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		// Queues consumed here stay registered even if another instance
+		// deleted and someone recreated them meanwhile.
+		_ = s.b.RegisterQueue(ctx, s.dispatchedQueues()...)
 		qs, err := s.b.RegisteredQueues(ctx)
 		if err != nil {
 			if ctx.Err() == nil {

@@ -102,7 +102,7 @@ func (b *Broker) Peek(ctx context.Context, queue string, state State, offset, n 
 
 // Purge removes every ready and delayed message of queue.
 func (b *Broker) Purge(ctx context.Context, queue string) (int64, error) {
-	n, err := b.run(ctx, purgeScript, queue, nil).Int64()
+	n, err := b.run(ctx, purgeScript, queue).Int64()
 	return n, wrap(err, "purge %q", queue)
 }
 
@@ -138,7 +138,7 @@ func (b *Broker) DeleteQueue(ctx context.Context, queue string, force bool) erro
 	if force {
 		flag = "force"
 	}
-	res, err := b.run(ctx, deleteQueueScript, queue, nil, flag).Slice()
+	res, err := b.run(ctx, deleteQueueScript, queue, flag).Slice()
 	if err != nil {
 		return wrap(err, "delete %q", queue)
 	}
@@ -151,57 +151,19 @@ func (b *Broker) DeleteQueue(ctx context.Context, queue string, force bool) erro
 		p.ZRem(ctx, b.keys.Due(), queue)
 		return nil
 	})
-	if err != nil {
-		return wrap(err, "forget %q", queue)
-	}
-	return b.deleteDedupKeys(ctx, queue)
-}
-
-// deleteDedupKeys removes queue's remembered dedup keys, scanning with a
-// cursor so that Redis is never blocked for long. (On Redis Cluster this
-// scans the node the client picks; the keys share the queue's slot.)
-func (b *Broker) deleteDedupKeys(ctx context.Context, queue string) error {
-	pattern := globEscape(b.keys.Dedup(queue, "")) + "*"
-	var cursor uint64
-	for {
-		keys, next, err := b.rdb.Scan(ctx, cursor, pattern, 1000).Result()
-		if err != nil {
-			return wrap(err, "scan dedup keys of %q", queue)
-		}
-		if len(keys) > 0 {
-			if err := b.rdb.Unlink(ctx, keys...).Err(); err != nil {
-				return wrap(err, "delete dedup keys of %q", queue)
-			}
-		}
-		if cursor = next; cursor == 0 {
-			return nil
-		}
-	}
-}
-
-// globEscape escapes the characters special in a Redis MATCH pattern.
-func globEscape(s string) string {
-	var out []byte
-	for i := 0; i < len(s); i++ {
-		switch s[i] {
-		case '*', '?', '[', ']', '\\':
-			out = append(out, '\\')
-		}
-		out = append(out, s[i])
-	}
-	return string(out)
+	return wrap(err, "forget %q", queue)
 }
 
 // ReplayDead moves dead letters (all, or those with the given ids) back to
 // the ready list.
 func (b *Broker) ReplayDead(ctx context.Context, queue string, ids []string, all bool) (int64, error) {
-	n, err := b.run(ctx, replayScript, queue, nil, deadArgs(ids, all)...).Int64()
+	n, err := b.run(ctx, replayScript, queue, deadArgs(ids, all)...).Int64()
 	return n, wrap(err, "replay dead letters of %q", queue)
 }
 
 // DeleteDead removes dead letters (all, or those with the given ids).
 func (b *Broker) DeleteDead(ctx context.Context, queue string, ids []string, all bool) (int64, error) {
-	n, err := b.run(ctx, deleteDeadScript, queue, nil, deadArgs(ids, all)...).Int64()
+	n, err := b.run(ctx, deleteDeadScript, queue, deadArgs(ids, all)...).Int64()
 	return n, wrap(err, "delete dead letters of %q", queue)
 }
 

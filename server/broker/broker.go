@@ -103,9 +103,8 @@ func (b *Broker) LoadScripts(ctx context.Context) error {
 }
 
 // run runs a queue script with the standard KEYS and ARGV prefix.
-func (b *Broker) run(ctx context.Context, s *redis.Script, queue string, extraKeys []string, args ...any) *redis.Cmd {
+func (b *Broker) run(ctx context.Context, s *redis.Script, queue string, args ...any) *redis.Cmd {
 	keys := b.keys.script(queue)
-	keys = append(keys, extraKeys...)
 	d := b.defaults
 	expired := "drop"
 	if d.ExpiredDeadLetter {
@@ -145,6 +144,9 @@ type EnqueueResult struct {
 	// FirstDue is the earliest due time of the messages that were delayed
 	// (zero when none was).
 	FirstDue time.Time
+	// Created is true when this enqueue created the queue's bookkeeping: the
+	// queue is new, or was deleted and is being recreated.
+	Created bool
 }
 
 // QueueFullError means a bounded queue has no room for the messages.
@@ -167,8 +169,6 @@ func (e *QueueFullError) Error() string {
 func (b *Broker) EnqueueMany(ctx context.Context, queue string, msgs []NewMessage) (EnqueueResult, error) {
 	res := EnqueueResult{IDs: make([]string, len(msgs)), Duplicate: make([]bool, len(msgs))}
 	now := time.Now().UnixMilli()
-	var dedupKeys []string
-	dedupIdx := map[string]int{}
 	args := make([]any, 0, 1+5*len(msgs))
 	args = append(args, len(msgs))
 	for i, m := range msgs {
@@ -180,22 +180,13 @@ func (b *Broker) EnqueueMany(ctx context.Context, queue string, msgs []NewMessag
 			ID: res.IDs[i], EnqueuedAt: now, Headers: m.Headers, Payload: m.Payload,
 			MaxAttempts: uint16(m.MaxAttempts), BackoffMin: uint32(m.BackoffMin.Milliseconds()), BackoffMax: uint32(m.BackoffMax.Milliseconds()),
 		})
-		k := 0
-		if m.DedupKey != "" {
-			var ok bool
-			if k, ok = dedupIdx[m.DedupKey]; !ok {
-				dedupKeys = append(dedupKeys, b.keys.Dedup(queue, m.DedupKey))
-				k = 11 + len(dedupKeys)
-				dedupIdx[m.DedupKey] = k
-			}
-		}
 		var at int64
 		if !m.DeliverAt.IsZero() {
 			at = m.DeliverAt.UnixMilli()
 		}
-		args = append(args, el, m.Delay.Milliseconds(), at, m.TTL.Milliseconds(), k)
+		args = append(args, el, m.Delay.Milliseconds(), at, m.TTL.Milliseconds(), m.DedupKey)
 	}
-	out, err := b.run(ctx, enqueueScript, queue, dedupKeys, args...).Slice()
+	out, err := b.run(ctx, enqueueScript, queue, args...).Slice()
 	if err != nil {
 		return res, wrap(err, "enqueue to %q", queue)
 	}
@@ -204,14 +195,16 @@ func (b *Broker) EnqueueMany(ctx context.Context, queue string, msgs []NewMessag
 		max, _ := out[2].(int64)
 		return res, &QueueFullError{Queue: queue, Held: held, Max: max}
 	}
-	if len(out) != 2+len(msgs) || out[0] != "OK" {
+	if len(out) != 3+len(msgs) || out[0] != "OK" {
 		return res, fmt.Errorf("enqueue to %q: unexpected reply %v", queue, out)
 	}
 	if due, _ := out[1].(int64); due > 0 {
 		res.FirstDue = time.UnixMilli(due)
 	}
+	created, _ := out[2].(int64)
+	res.Created = created == 1
 	for i := range msgs {
-		if dup, _ := out[2+i].(string); dup != "" {
+		if dup, _ := out[3+i].(string); dup != "" {
 			res.IDs[i], res.Duplicate[i] = dup, true
 		}
 	}
@@ -244,7 +237,7 @@ var ErrPaused = errors.New("queue is paused")
 // reports how many remain ready. It never blocks: use WaitReady when the
 // queue is empty. A paused queue gives ErrPaused.
 func (b *Broker) Claim(ctx context.Context, queue string, n int, lease time.Duration) ([]Lease, int64, error) {
-	res, err := b.run(ctx, claimScript, queue, nil, n, lease.Milliseconds()).Slice()
+	res, err := b.run(ctx, claimScript, queue, n, lease.Milliseconds()).Slice()
 	if err != nil {
 		return nil, 0, wrap(err, "claim from %q", queue)
 	}
@@ -275,7 +268,7 @@ func (b *Broker) Claim(ctx context.Context, queue string, n int, lease time.Dura
 // Pop removes up to n messages from the head of queue for an auto-ack
 // consumer and reports how many remain ready. A paused queue gives ErrPaused.
 func (b *Broker) Pop(ctx context.Context, queue string, n int) ([]Lease, int64, error) {
-	res, err := b.run(ctx, popScript, queue, nil, n).Slice()
+	res, err := b.run(ctx, popScript, queue, n).Slice()
 	if err != nil {
 		return nil, 0, wrap(err, "pop from %q", queue)
 	}
@@ -341,7 +334,7 @@ func (b *Broker) Drop(ctx context.Context, queue string, leaseIDs []string) (ok 
 
 func (b *Broker) settle(ctx context.Context, queue, counter string, leaseIDs []string) ([]bool, error) {
 	args := append([]any{counter}, strArgs(leaseIDs)...)
-	res, err := b.run(ctx, settleScript, queue, nil, args...).Int64Slice()
+	res, err := b.run(ctx, settleScript, queue, args...).Int64Slice()
 	if err != nil {
 		return nil, wrap(err, "settle in %q", queue)
 	}
@@ -369,7 +362,7 @@ func (b *Broker) Nack(ctx context.Context, queue string, leaseIDs []string, acti
 		d = delay.Milliseconds()
 	}
 	args := append([]any{string(action), d, errText}, strArgs(leaseIDs)...)
-	res, err := b.run(ctx, nackScript, queue, nil, args...).Int64Slice()
+	res, err := b.run(ctx, nackScript, queue, args...).Int64Slice()
 	if err != nil {
 		return nil, time.Time{}, wrap(err, "nack in %q", queue)
 	}
@@ -405,7 +398,7 @@ func (b *Broker) Extend(ctx context.Context, queue string, leaseIDs []string, le
 // ReapExpired handles up to limit messages of queue whose lease has run out
 // and returns how many it handled.
 func (b *Broker) ReapExpired(ctx context.Context, queue string, limit int) (int64, error) {
-	n, err := b.run(ctx, reapScript, queue, nil, limit).Int64()
+	n, err := b.run(ctx, reapScript, queue, limit).Int64()
 	return n, wrap(err, "reap %q", queue)
 }
 
@@ -413,7 +406,7 @@ func (b *Broker) ReapExpired(ctx context.Context, queue string, limit int) (int6
 // It returns how many it moved, when the next one is due (zero: none), and
 // Redis's clock.
 func (b *Broker) Promote(ctx context.Context, queue string, limit int) (n int64, next, redisNow time.Time, err error) {
-	res, err := b.run(ctx, promoteScript, queue, nil, limit).Int64Slice()
+	res, err := b.run(ctx, promoteScript, queue, limit).Int64Slice()
 	if err != nil {
 		return 0, time.Time{}, time.Time{}, wrap(err, "promote in %q", queue)
 	}
@@ -483,9 +476,12 @@ func (b *Broker) FirstDelayedMany(ctx context.Context, queues []string) ([]time.
 	return out, nil
 }
 
-// RegisterQueue records queue in the set of known queues.
-func (b *Broker) RegisterQueue(ctx context.Context, queue string) error {
-	return wrap(b.rdb.SAdd(ctx, b.keys.Queues(), queue).Err(), "register %q", queue)
+// RegisterQueue records queues in the set of known queues.
+func (b *Broker) RegisterQueue(ctx context.Context, queues ...string) error {
+	if len(queues) == 0 {
+		return nil
+	}
+	return wrap(b.rdb.SAdd(ctx, b.keys.Queues(), strArgs(queues)...).Err(), "register %v", queues)
 }
 
 // RegisteredQueues lists the known queues.

@@ -19,7 +19,8 @@
 //	{P Q}:qb:config       hash   the queue's policy (fields absent: server default)
 //	{P Q}:qb:counters     hash   event totals: enqueued, acked, nacked, ...
 //	{P Q}:qb:paused       string present while the queue is paused
-//	{P Q}:qb:dedup:K      string id of the message enqueued with dedup key K (expires)
+//	{P Q}:qb:dedup        hash   dedup key -> id of the message enqueued with it
+//	{P Q}:qb:dedupexp     zset   dedup key -> end of its dedup window (unix ms)
 //	P qbridge:queues      set    queues qbridge has seen (enqueued to or consumed)
 //	P qbridge:due         zset   queue -> earliest due time of its delayed messages
 //
@@ -85,8 +86,11 @@ func (k Keys) Counters(q string) string { return k.tag(q) + ":qb:counters" }
 // Paused exists while queue q is paused.
 func (k Keys) Paused(q string) string { return k.tag(q) + ":qb:paused" }
 
-// Dedup remembers dedup key key of queue q.
-func (k Keys) Dedup(q, key string) string { return k.tag(q) + ":qb:dedup:" + key }
+// Dedup maps queue q's remembered dedup keys to message ids.
+func (k Keys) Dedup(q string) string { return k.tag(q) + ":qb:dedup" }
+
+// DedupExpiry holds when each of queue q's dedup keys is forgotten.
+func (k Keys) DedupExpiry(q string) string { return k.tag(q) + ":qb:dedupexp" }
 
 // Queues is the set of queues qbridge has seen.
 func (k Keys) Queues() string { return k.prefix + "qbridge:queues" }
@@ -97,7 +101,7 @@ func (k Keys) Due() string { return k.prefix + "qbridge:due" }
 // script returns the standard KEYS of queue q's scripts (see scripts.go).
 func (k Keys) script(q string) []string {
 	return []string{k.Ready(q), k.InFlight(q), k.Leases(q), k.Seq(q), k.Delayed(q), k.Scheduled(q),
-		k.Dead(q), k.DeadIndex(q), k.Config(q), k.Counters(q), k.Paused(q)}
+		k.Dead(q), k.DeadIndex(q), k.Config(q), k.Counters(q), k.Paused(q), k.Dedup(q), k.DedupExpiry(q)}
 }
 
 // Channel is the Redis channel (or pattern) for pub/sub name c.

@@ -14,7 +14,8 @@ import "github.com/redis/go-redis/v9"
 //	KEYS[3] leases zset       KEYS[7] dead hash (dead id -> envelope)
 //	KEYS[4] seq counter       KEYS[8] dead index zset (dead id -> dead at ms)
 //	KEYS[9] config hash       KEYS[10] counters hash   KEYS[11] paused flag
-//	KEYS[12..] script-specific (dedup keys for enqueue)
+//	KEYS[12] dedup hash (dedup key -> message id)
+//	KEYS[13] dedup expiry zset (dedup key -> end of its window, ms)
 //
 // and begin with the same ARGV block, the server defaults of the queue
 // policy (a queue's config hash overrides them, a message's envelope
@@ -31,6 +32,7 @@ const luaPrelude = `
 local READY, INFLIGHT, LEASES, SEQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local DELAYED, SCHED, DEAD, DEADIDX = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local CONFIG, COUNTERS, PAUSED = KEYS[9], KEYS[10], KEYS[11]
+local DEDUP, DEDUPEXP = KEYS[12], KEYS[13]
 local RAW = ARGV[1] == '1'
 local SEED = tonumber(ARGV[6])
 local MAGIC = '\0qb\1'
@@ -240,36 +242,44 @@ end
 // enqueueScript appends messages to the ready list, or schedules them, all
 // or nothing: when the queue has a max length and they do not all fit,
 // nothing is written. A message whose dedup key is still remembered is not
-// enqueued; the id remembered for the key is returned instead.
+// enqueued; the id remembered for the key is returned instead. Dedup keys
+// live in a hash with an expiry zset beside it; each run forgets up to 100
+// keys whose window has passed, so the cleanup costs O(1) per enqueue.
 //
-//	KEYS    standard; KEYS[12..] dedup keys
+//	KEYS    standard
 //	ARGV[9] number of messages, then 5 per message:
 //	        envelope, delay ms, deliver-at unix ms (0: none), ttl ms (0: none),
-//	        index of its dedup key in KEYS (0: none)
-//	returns {"OK", earliest due ms or 0, then per message "" or the id of the
-//	         earlier message with the same dedup key}
+//	        dedup key ("": none)
+//	returns {"OK", earliest due ms or 0, 1 if the queue's counters were
+//	         created (a new or recreated queue) else 0, then per message "" or
+//	         the id of the earlier message with the same dedup key}
 //	     or {"FULL", messages held, max length}
 var enqueueScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
 local n = tonumber(ARGV[9])
 local now = nowms()
+local old = redis.call('ZRANGEBYSCORE', DEDUPEXP, '-inf', now, 'LIMIT', 0, 100)
+if #old > 0 then
+  redis.call('HDEL', DEDUP, unpack(old))
+  redis.call('ZREM', DEDUPEXP, unpack(old))
+end
 local dups, seen, fresh = {}, {}, 0
 for i = 1, n do
   local base = 9 + (i - 1) * 5
-  local k = tonumber(ARGV[base + 5])
+  local key = ARGV[base + 5]
   dups[i] = ''
-  if k > 0 then
-    local key = KEYS[k]
+  if key ~= '' then
     if seen[key] then
       dups[i] = seen[key]
     else
-      local prev = redis.call('GET', key)
-      if prev then dups[i] = prev; seen[key] = prev end
+      local prev = redis.call('HGET', DEDUP, key)
+      local till = redis.call('ZSCORE', DEDUPEXP, key)
+      if prev and till and tonumber(till) > now then dups[i] = prev; seen[key] = prev end
     end
   end
   if dups[i] == '' then
     fresh = fresh + 1
-    if k > 0 then seen[KEYS[k]] = idof(ARGV[base + 1]) end
+    if key ~= '' then seen[key] = idof(ARGV[base + 1]) end
   end
 end
 local maxlen = policy().maxlen
@@ -277,14 +287,18 @@ if maxlen > 0 and fresh > 0 then
   local held = redis.call('LLEN', READY) + redis.call('ZCARD', DELAYED)
   if held + fresh > maxlen then return {'FULL', held, maxlen} end
 end
-local out = {'OK', 0}
+local created = 1 - redis.call('EXISTS', COUNTERS)
+local out = {'OK', 0, created}
 for i = 1, n do
   local base = 9 + (i - 1) * 5
-  local e, delay, at, ttl, k = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
-      tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
+  local e, delay, at, ttl, key = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
+      tonumber(ARGV[base + 4]), ARGV[base + 5]
   if dups[i] == '' then
     if ttl > 0 then e = string.sub(e, 1, 16) .. be64(now + ttl) .. string.sub(e, 25) end
-    if k > 0 then redis.call('SET', KEYS[k], idof(e), 'PX', policy().dedup, 'NX') end
+    if key ~= '' then
+      redis.call('HSET', DEDUP, key, idof(e))
+      redis.call('ZADD', DEDUPEXP, now + policy().dedup, key)
+    end
     local due = 0
     if at > 0 then due = at elseif delay > 0 then due = now + delay end
     if due > now then schedule(e, due) else pushready(e, false) end
@@ -292,6 +306,7 @@ for i = 1, n do
   out[#out + 1] = dups[i]
 end
 count('enqueued', fresh)
+if created == 1 and fresh == 0 then redis.call('HSET', COUNTERS, 'enqueued', 0) end
 out[2] = mindue
 return out
 `)
@@ -561,7 +576,7 @@ return n
 var deleteQueueScript = redis.NewScript(luaPrelude + `
 local inflight = redis.call('HLEN', INFLIGHT)
 if inflight > 0 and ARGV[9] ~= 'force' then return {'INFLIGHT', inflight} end
-redis.call('DEL', READY, INFLIGHT, LEASES, DELAYED, SCHED, DEAD, DEADIDX, CONFIG, COUNTERS, PAUSED)
+redis.call('DEL', READY, INFLIGHT, LEASES, DELAYED, SCHED, DEAD, DEADIDX, CONFIG, COUNTERS, PAUSED, DEDUP, DEDUPEXP)
 return {'OK'}
 `)
 
