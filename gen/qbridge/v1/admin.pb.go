@@ -23,67 +23,6 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// MessageState is where a message is.
-type MessageState int32
-
-const (
-	// Not a valid state in requests.
-	MessageState_MESSAGE_STATE_UNSPECIFIED MessageState = 0
-	// In the ready list.
-	MessageState_MESSAGE_STATE_READY MessageState = 1
-	// Waiting for its delivery time.
-	MessageState_MESSAGE_STATE_DELAYED MessageState = 2
-	// Delivered and not yet settled.
-	MessageState_MESSAGE_STATE_IN_FLIGHT MessageState = 3
-	// In the dead letters.
-	MessageState_MESSAGE_STATE_DEAD MessageState = 4
-)
-
-// Enum value maps for MessageState.
-var (
-	MessageState_name = map[int32]string{
-		0: "MESSAGE_STATE_UNSPECIFIED",
-		1: "MESSAGE_STATE_READY",
-		2: "MESSAGE_STATE_DELAYED",
-		3: "MESSAGE_STATE_IN_FLIGHT",
-		4: "MESSAGE_STATE_DEAD",
-	}
-	MessageState_value = map[string]int32{
-		"MESSAGE_STATE_UNSPECIFIED": 0,
-		"MESSAGE_STATE_READY":       1,
-		"MESSAGE_STATE_DELAYED":     2,
-		"MESSAGE_STATE_IN_FLIGHT":   3,
-		"MESSAGE_STATE_DEAD":        4,
-	}
-)
-
-func (x MessageState) Enum() *MessageState {
-	p := new(MessageState)
-	*p = x
-	return p
-}
-
-func (x MessageState) String() string {
-	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
-}
-
-func (MessageState) Descriptor() protoreflect.EnumDescriptor {
-	return file_qbridge_v1_admin_proto_enumTypes[0].Descriptor()
-}
-
-func (MessageState) Type() protoreflect.EnumType {
-	return &file_qbridge_v1_admin_proto_enumTypes[0]
-}
-
-func (x MessageState) Number() protoreflect.EnumNumber {
-	return protoreflect.EnumNumber(x)
-}
-
-// Deprecated: Use MessageState.Descriptor instead.
-func (MessageState) EnumDescriptor() ([]byte, []int) {
-	return file_qbridge_v1_admin_proto_rawDescGZIP(), []int{0}
-}
-
 // ExpiredAction says what happens to a message whose ttl passed.
 type ExpiredAction int32
 
@@ -121,11 +60,11 @@ func (x ExpiredAction) String() string {
 }
 
 func (ExpiredAction) Descriptor() protoreflect.EnumDescriptor {
-	return file_qbridge_v1_admin_proto_enumTypes[1].Descriptor()
+	return file_qbridge_v1_admin_proto_enumTypes[0].Descriptor()
 }
 
 func (ExpiredAction) Type() protoreflect.EnumType {
-	return &file_qbridge_v1_admin_proto_enumTypes[1]
+	return &file_qbridge_v1_admin_proto_enumTypes[0]
 }
 
 func (x ExpiredAction) Number() protoreflect.EnumNumber {
@@ -134,7 +73,7 @@ func (x ExpiredAction) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ExpiredAction.Descriptor instead.
 func (ExpiredAction) EnumDescriptor() ([]byte, []int) {
-	return file_qbridge_v1_admin_proto_rawDescGZIP(), []int{1}
+	return file_qbridge_v1_admin_proto_rawDescGZIP(), []int{0}
 }
 
 // ListQueuesRequest asks for a page of queue names.
@@ -404,7 +343,9 @@ type QueuedMessage struct {
 	// Dead: when it died.
 	DeadTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=dead_time,json=deadTime,proto3" json:"dead_time,omitempty"`
 	// Dead: why ("max attempts reached", "nacked as dead letter", "expired").
-	DeadReason    string `protobuf:"bytes,12,opt,name=dead_reason,json=deadReason,proto3" json:"dead_reason,omitempty"`
+	DeadReason string `protobuf:"bytes,12,opt,name=dead_reason,json=deadReason,proto3" json:"dead_reason,omitempty"`
+	// Its task type, if any.
+	TaskType      string `protobuf:"bytes,13,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -519,6 +460,13 @@ func (x *QueuedMessage) GetDeadTime() *timestamppb.Timestamp {
 func (x *QueuedMessage) GetDeadReason() string {
 	if x != nil {
 		return x.DeadReason
+	}
+	return ""
+}
+
+func (x *QueuedMessage) GetTaskType() string {
+	if x != nil {
+		return x.TaskType
 	}
 	return ""
 }
@@ -1382,7 +1330,7 @@ const file_qbridge_v1_admin_proto_rawDesc = "" +
 	"page_token\x18\x04 \x01(\tR\tpageToken\"u\n" +
 	"\x14PeekMessagesResponse\x125\n" +
 	"\bmessages\x18\x01 \x03(\v2\x19.qbridge.v1.QueuedMessageR\bmessages\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xfe\x04\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x9b\x05\n" +
 	"\rQueuedMessage\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12@\n" +
@@ -1401,7 +1349,8 @@ const file_qbridge_v1_admin_proto_rawDesc = "" +
 	" \x01(\tR\tlastError\x127\n" +
 	"\tdead_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\bdeadTime\x12\x1f\n" +
 	"\vdead_reason\x18\f \x01(\tR\n" +
-	"deadReason\x1a:\n" +
+	"deadReason\x12\x1b\n" +
+	"\ttask_type\x18\r \x01(\tR\btaskType\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\")\n" +
@@ -1445,13 +1394,7 @@ const file_qbridge_v1_admin_proto_rawDesc = "" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12/\n" +
 	"\x06config\x18\x02 \x01(\v2\x17.qbridge.v1.QueueConfigR\x06config\"L\n" +
 	"\x19UpdateQueueConfigResponse\x12/\n" +
-	"\x06config\x18\x01 \x01(\v2\x17.qbridge.v1.QueueConfigR\x06config*\x96\x01\n" +
-	"\fMessageState\x12\x1d\n" +
-	"\x19MESSAGE_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
-	"\x13MESSAGE_STATE_READY\x10\x01\x12\x19\n" +
-	"\x15MESSAGE_STATE_DELAYED\x10\x02\x12\x1b\n" +
-	"\x17MESSAGE_STATE_IN_FLIGHT\x10\x03\x12\x16\n" +
-	"\x12MESSAGE_STATE_DEAD\x10\x04*h\n" +
+	"\x06config\x18\x01 \x01(\v2\x17.qbridge.v1.QueueConfigR\x06config*h\n" +
 	"\rExpiredAction\x12\x1e\n" +
 	"\x1aEXPIRED_ACTION_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13EXPIRED_ACTION_DROP\x10\x01\x12\x1e\n" +
@@ -1483,74 +1426,74 @@ func file_qbridge_v1_admin_proto_rawDescGZIP() []byte {
 	return file_qbridge_v1_admin_proto_rawDescData
 }
 
-var file_qbridge_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_qbridge_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
 var file_qbridge_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_qbridge_v1_admin_proto_goTypes = []any{
-	(MessageState)(0),                 // 0: qbridge.v1.MessageState
-	(ExpiredAction)(0),                // 1: qbridge.v1.ExpiredAction
-	(*ListQueuesRequest)(nil),         // 2: qbridge.v1.ListQueuesRequest
-	(*ListQueuesResponse)(nil),        // 3: qbridge.v1.ListQueuesResponse
-	(*PeekMessagesRequest)(nil),       // 4: qbridge.v1.PeekMessagesRequest
-	(*PeekMessagesResponse)(nil),      // 5: qbridge.v1.PeekMessagesResponse
-	(*QueuedMessage)(nil),             // 6: qbridge.v1.QueuedMessage
-	(*PurgeQueueRequest)(nil),         // 7: qbridge.v1.PurgeQueueRequest
-	(*PurgeQueueResponse)(nil),        // 8: qbridge.v1.PurgeQueueResponse
-	(*PauseQueueRequest)(nil),         // 9: qbridge.v1.PauseQueueRequest
-	(*PauseQueueResponse)(nil),        // 10: qbridge.v1.PauseQueueResponse
-	(*ResumeQueueRequest)(nil),        // 11: qbridge.v1.ResumeQueueRequest
-	(*ResumeQueueResponse)(nil),       // 12: qbridge.v1.ResumeQueueResponse
-	(*DeleteQueueRequest)(nil),        // 13: qbridge.v1.DeleteQueueRequest
-	(*DeleteQueueResponse)(nil),       // 14: qbridge.v1.DeleteQueueResponse
-	(*ReplayDeadLettersRequest)(nil),  // 15: qbridge.v1.ReplayDeadLettersRequest
-	(*ReplayDeadLettersResponse)(nil), // 16: qbridge.v1.ReplayDeadLettersResponse
-	(*DeleteDeadLettersRequest)(nil),  // 17: qbridge.v1.DeleteDeadLettersRequest
-	(*DeleteDeadLettersResponse)(nil), // 18: qbridge.v1.DeleteDeadLettersResponse
-	(*QueueConfig)(nil),               // 19: qbridge.v1.QueueConfig
-	(*GetQueueConfigRequest)(nil),     // 20: qbridge.v1.GetQueueConfigRequest
-	(*GetQueueConfigResponse)(nil),    // 21: qbridge.v1.GetQueueConfigResponse
-	(*UpdateQueueConfigRequest)(nil),  // 22: qbridge.v1.UpdateQueueConfigRequest
-	(*UpdateQueueConfigResponse)(nil), // 23: qbridge.v1.UpdateQueueConfigResponse
-	nil,                               // 24: qbridge.v1.QueuedMessage.HeadersEntry
+	(ExpiredAction)(0),                // 0: qbridge.v1.ExpiredAction
+	(*ListQueuesRequest)(nil),         // 1: qbridge.v1.ListQueuesRequest
+	(*ListQueuesResponse)(nil),        // 2: qbridge.v1.ListQueuesResponse
+	(*PeekMessagesRequest)(nil),       // 3: qbridge.v1.PeekMessagesRequest
+	(*PeekMessagesResponse)(nil),      // 4: qbridge.v1.PeekMessagesResponse
+	(*QueuedMessage)(nil),             // 5: qbridge.v1.QueuedMessage
+	(*PurgeQueueRequest)(nil),         // 6: qbridge.v1.PurgeQueueRequest
+	(*PurgeQueueResponse)(nil),        // 7: qbridge.v1.PurgeQueueResponse
+	(*PauseQueueRequest)(nil),         // 8: qbridge.v1.PauseQueueRequest
+	(*PauseQueueResponse)(nil),        // 9: qbridge.v1.PauseQueueResponse
+	(*ResumeQueueRequest)(nil),        // 10: qbridge.v1.ResumeQueueRequest
+	(*ResumeQueueResponse)(nil),       // 11: qbridge.v1.ResumeQueueResponse
+	(*DeleteQueueRequest)(nil),        // 12: qbridge.v1.DeleteQueueRequest
+	(*DeleteQueueResponse)(nil),       // 13: qbridge.v1.DeleteQueueResponse
+	(*ReplayDeadLettersRequest)(nil),  // 14: qbridge.v1.ReplayDeadLettersRequest
+	(*ReplayDeadLettersResponse)(nil), // 15: qbridge.v1.ReplayDeadLettersResponse
+	(*DeleteDeadLettersRequest)(nil),  // 16: qbridge.v1.DeleteDeadLettersRequest
+	(*DeleteDeadLettersResponse)(nil), // 17: qbridge.v1.DeleteDeadLettersResponse
+	(*QueueConfig)(nil),               // 18: qbridge.v1.QueueConfig
+	(*GetQueueConfigRequest)(nil),     // 19: qbridge.v1.GetQueueConfigRequest
+	(*GetQueueConfigResponse)(nil),    // 20: qbridge.v1.GetQueueConfigResponse
+	(*UpdateQueueConfigRequest)(nil),  // 21: qbridge.v1.UpdateQueueConfigRequest
+	(*UpdateQueueConfigResponse)(nil), // 22: qbridge.v1.UpdateQueueConfigResponse
+	nil,                               // 23: qbridge.v1.QueuedMessage.HeadersEntry
+	(MessageState)(0),                 // 24: qbridge.v1.MessageState
 	(*timestamppb.Timestamp)(nil),     // 25: google.protobuf.Timestamp
 	(*RetryPolicy)(nil),               // 26: qbridge.v1.RetryPolicy
 	(*durationpb.Duration)(nil),       // 27: google.protobuf.Duration
 }
 var file_qbridge_v1_admin_proto_depIdxs = []int32{
-	0,  // 0: qbridge.v1.PeekMessagesRequest.state:type_name -> qbridge.v1.MessageState
-	6,  // 1: qbridge.v1.PeekMessagesResponse.messages:type_name -> qbridge.v1.QueuedMessage
-	24, // 2: qbridge.v1.QueuedMessage.headers:type_name -> qbridge.v1.QueuedMessage.HeadersEntry
+	24, // 0: qbridge.v1.PeekMessagesRequest.state:type_name -> qbridge.v1.MessageState
+	5,  // 1: qbridge.v1.PeekMessagesResponse.messages:type_name -> qbridge.v1.QueuedMessage
+	23, // 2: qbridge.v1.QueuedMessage.headers:type_name -> qbridge.v1.QueuedMessage.HeadersEntry
 	25, // 3: qbridge.v1.QueuedMessage.enqueue_time:type_name -> google.protobuf.Timestamp
-	0,  // 4: qbridge.v1.QueuedMessage.state:type_name -> qbridge.v1.MessageState
+	24, // 4: qbridge.v1.QueuedMessage.state:type_name -> qbridge.v1.MessageState
 	25, // 5: qbridge.v1.QueuedMessage.deliver_time:type_name -> google.protobuf.Timestamp
 	25, // 6: qbridge.v1.QueuedMessage.lease_deadline:type_name -> google.protobuf.Timestamp
 	25, // 7: qbridge.v1.QueuedMessage.expire_time:type_name -> google.protobuf.Timestamp
 	25, // 8: qbridge.v1.QueuedMessage.dead_time:type_name -> google.protobuf.Timestamp
 	26, // 9: qbridge.v1.QueueConfig.retry_policy:type_name -> qbridge.v1.RetryPolicy
-	1,  // 10: qbridge.v1.QueueConfig.expired_action:type_name -> qbridge.v1.ExpiredAction
+	0,  // 10: qbridge.v1.QueueConfig.expired_action:type_name -> qbridge.v1.ExpiredAction
 	27, // 11: qbridge.v1.QueueConfig.dedup_window:type_name -> google.protobuf.Duration
-	19, // 12: qbridge.v1.GetQueueConfigResponse.config:type_name -> qbridge.v1.QueueConfig
-	19, // 13: qbridge.v1.UpdateQueueConfigRequest.config:type_name -> qbridge.v1.QueueConfig
-	19, // 14: qbridge.v1.UpdateQueueConfigResponse.config:type_name -> qbridge.v1.QueueConfig
-	2,  // 15: qbridge.v1.AdminService.ListQueues:input_type -> qbridge.v1.ListQueuesRequest
-	4,  // 16: qbridge.v1.AdminService.PeekMessages:input_type -> qbridge.v1.PeekMessagesRequest
-	7,  // 17: qbridge.v1.AdminService.PurgeQueue:input_type -> qbridge.v1.PurgeQueueRequest
-	9,  // 18: qbridge.v1.AdminService.PauseQueue:input_type -> qbridge.v1.PauseQueueRequest
-	11, // 19: qbridge.v1.AdminService.ResumeQueue:input_type -> qbridge.v1.ResumeQueueRequest
-	13, // 20: qbridge.v1.AdminService.DeleteQueue:input_type -> qbridge.v1.DeleteQueueRequest
-	15, // 21: qbridge.v1.AdminService.ReplayDeadLetters:input_type -> qbridge.v1.ReplayDeadLettersRequest
-	17, // 22: qbridge.v1.AdminService.DeleteDeadLetters:input_type -> qbridge.v1.DeleteDeadLettersRequest
-	20, // 23: qbridge.v1.AdminService.GetQueueConfig:input_type -> qbridge.v1.GetQueueConfigRequest
-	22, // 24: qbridge.v1.AdminService.UpdateQueueConfig:input_type -> qbridge.v1.UpdateQueueConfigRequest
-	3,  // 25: qbridge.v1.AdminService.ListQueues:output_type -> qbridge.v1.ListQueuesResponse
-	5,  // 26: qbridge.v1.AdminService.PeekMessages:output_type -> qbridge.v1.PeekMessagesResponse
-	8,  // 27: qbridge.v1.AdminService.PurgeQueue:output_type -> qbridge.v1.PurgeQueueResponse
-	10, // 28: qbridge.v1.AdminService.PauseQueue:output_type -> qbridge.v1.PauseQueueResponse
-	12, // 29: qbridge.v1.AdminService.ResumeQueue:output_type -> qbridge.v1.ResumeQueueResponse
-	14, // 30: qbridge.v1.AdminService.DeleteQueue:output_type -> qbridge.v1.DeleteQueueResponse
-	16, // 31: qbridge.v1.AdminService.ReplayDeadLetters:output_type -> qbridge.v1.ReplayDeadLettersResponse
-	18, // 32: qbridge.v1.AdminService.DeleteDeadLetters:output_type -> qbridge.v1.DeleteDeadLettersResponse
-	21, // 33: qbridge.v1.AdminService.GetQueueConfig:output_type -> qbridge.v1.GetQueueConfigResponse
-	23, // 34: qbridge.v1.AdminService.UpdateQueueConfig:output_type -> qbridge.v1.UpdateQueueConfigResponse
+	18, // 12: qbridge.v1.GetQueueConfigResponse.config:type_name -> qbridge.v1.QueueConfig
+	18, // 13: qbridge.v1.UpdateQueueConfigRequest.config:type_name -> qbridge.v1.QueueConfig
+	18, // 14: qbridge.v1.UpdateQueueConfigResponse.config:type_name -> qbridge.v1.QueueConfig
+	1,  // 15: qbridge.v1.AdminService.ListQueues:input_type -> qbridge.v1.ListQueuesRequest
+	3,  // 16: qbridge.v1.AdminService.PeekMessages:input_type -> qbridge.v1.PeekMessagesRequest
+	6,  // 17: qbridge.v1.AdminService.PurgeQueue:input_type -> qbridge.v1.PurgeQueueRequest
+	8,  // 18: qbridge.v1.AdminService.PauseQueue:input_type -> qbridge.v1.PauseQueueRequest
+	10, // 19: qbridge.v1.AdminService.ResumeQueue:input_type -> qbridge.v1.ResumeQueueRequest
+	12, // 20: qbridge.v1.AdminService.DeleteQueue:input_type -> qbridge.v1.DeleteQueueRequest
+	14, // 21: qbridge.v1.AdminService.ReplayDeadLetters:input_type -> qbridge.v1.ReplayDeadLettersRequest
+	16, // 22: qbridge.v1.AdminService.DeleteDeadLetters:input_type -> qbridge.v1.DeleteDeadLettersRequest
+	19, // 23: qbridge.v1.AdminService.GetQueueConfig:input_type -> qbridge.v1.GetQueueConfigRequest
+	21, // 24: qbridge.v1.AdminService.UpdateQueueConfig:input_type -> qbridge.v1.UpdateQueueConfigRequest
+	2,  // 25: qbridge.v1.AdminService.ListQueues:output_type -> qbridge.v1.ListQueuesResponse
+	4,  // 26: qbridge.v1.AdminService.PeekMessages:output_type -> qbridge.v1.PeekMessagesResponse
+	7,  // 27: qbridge.v1.AdminService.PurgeQueue:output_type -> qbridge.v1.PurgeQueueResponse
+	9,  // 28: qbridge.v1.AdminService.PauseQueue:output_type -> qbridge.v1.PauseQueueResponse
+	11, // 29: qbridge.v1.AdminService.ResumeQueue:output_type -> qbridge.v1.ResumeQueueResponse
+	13, // 30: qbridge.v1.AdminService.DeleteQueue:output_type -> qbridge.v1.DeleteQueueResponse
+	15, // 31: qbridge.v1.AdminService.ReplayDeadLetters:output_type -> qbridge.v1.ReplayDeadLettersResponse
+	17, // 32: qbridge.v1.AdminService.DeleteDeadLetters:output_type -> qbridge.v1.DeleteDeadLettersResponse
+	20, // 33: qbridge.v1.AdminService.GetQueueConfig:output_type -> qbridge.v1.GetQueueConfigResponse
+	22, // 34: qbridge.v1.AdminService.UpdateQueueConfig:output_type -> qbridge.v1.UpdateQueueConfigResponse
 	25, // [25:35] is the sub-list for method output_type
 	15, // [15:25] is the sub-list for method input_type
 	15, // [15:15] is the sub-list for extension type_name
@@ -1569,7 +1512,7 @@ func file_qbridge_v1_admin_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_qbridge_v1_admin_proto_rawDesc), len(file_qbridge_v1_admin_proto_rawDesc)),
-			NumEnums:      2,
+			NumEnums:      1,
 			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,

@@ -87,6 +87,132 @@ func (NackAction) EnumDescriptor() ([]byte, []int) {
 	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{0}
 }
 
+// ResultState is how a message finished.
+type ResultState int32
+
+const (
+	// Not used.
+	ResultState_RESULT_STATE_UNSPECIFIED ResultState = 0
+	// Acked.
+	ResultState_RESULT_STATE_SUCCEEDED ResultState = 1
+	// Nacked with NACK_ACTION_DROP.
+	ResultState_RESULT_STATE_FAILED ResultState = 2
+	// Dead-lettered (attempts used up, nacked as dead letter, or expired).
+	ResultState_RESULT_STATE_DEAD ResultState = 3
+)
+
+// Enum value maps for ResultState.
+var (
+	ResultState_name = map[int32]string{
+		0: "RESULT_STATE_UNSPECIFIED",
+		1: "RESULT_STATE_SUCCEEDED",
+		2: "RESULT_STATE_FAILED",
+		3: "RESULT_STATE_DEAD",
+	}
+	ResultState_value = map[string]int32{
+		"RESULT_STATE_UNSPECIFIED": 0,
+		"RESULT_STATE_SUCCEEDED":   1,
+		"RESULT_STATE_FAILED":      2,
+		"RESULT_STATE_DEAD":        3,
+	}
+)
+
+func (x ResultState) Enum() *ResultState {
+	p := new(ResultState)
+	*p = x
+	return p
+}
+
+func (x ResultState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ResultState) Descriptor() protoreflect.EnumDescriptor {
+	return file_qbridge_v1_queue_proto_enumTypes[1].Descriptor()
+}
+
+func (ResultState) Type() protoreflect.EnumType {
+	return &file_qbridge_v1_queue_proto_enumTypes[1]
+}
+
+func (x ResultState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ResultState.Descriptor instead.
+func (ResultState) EnumDescriptor() ([]byte, []int) {
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{1}
+}
+
+// MessageState is where a message is.
+type MessageState int32
+
+const (
+	// Not a valid state in requests.
+	MessageState_MESSAGE_STATE_UNSPECIFIED MessageState = 0
+	// In the ready list.
+	MessageState_MESSAGE_STATE_READY MessageState = 1
+	// Waiting for its delivery time.
+	MessageState_MESSAGE_STATE_DELAYED MessageState = 2
+	// Delivered and not yet settled.
+	MessageState_MESSAGE_STATE_IN_FLIGHT MessageState = 3
+	// In the dead letters.
+	MessageState_MESSAGE_STATE_DEAD MessageState = 4
+	// Acked; its result is kept (GetMessage only).
+	MessageState_MESSAGE_STATE_SUCCEEDED MessageState = 5
+	// Nacked with NACK_ACTION_DROP; its outcome is kept (GetMessage only).
+	MessageState_MESSAGE_STATE_FAILED MessageState = 6
+)
+
+// Enum value maps for MessageState.
+var (
+	MessageState_name = map[int32]string{
+		0: "MESSAGE_STATE_UNSPECIFIED",
+		1: "MESSAGE_STATE_READY",
+		2: "MESSAGE_STATE_DELAYED",
+		3: "MESSAGE_STATE_IN_FLIGHT",
+		4: "MESSAGE_STATE_DEAD",
+		5: "MESSAGE_STATE_SUCCEEDED",
+		6: "MESSAGE_STATE_FAILED",
+	}
+	MessageState_value = map[string]int32{
+		"MESSAGE_STATE_UNSPECIFIED": 0,
+		"MESSAGE_STATE_READY":       1,
+		"MESSAGE_STATE_DELAYED":     2,
+		"MESSAGE_STATE_IN_FLIGHT":   3,
+		"MESSAGE_STATE_DEAD":        4,
+		"MESSAGE_STATE_SUCCEEDED":   5,
+		"MESSAGE_STATE_FAILED":      6,
+	}
+)
+
+func (x MessageState) Enum() *MessageState {
+	p := new(MessageState)
+	*p = x
+	return p
+}
+
+func (x MessageState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MessageState) Descriptor() protoreflect.EnumDescriptor {
+	return file_qbridge_v1_queue_proto_enumTypes[2].Descriptor()
+}
+
+func (MessageState) Type() protoreflect.EnumType {
+	return &file_qbridge_v1_queue_proto_enumTypes[2]
+}
+
+func (x MessageState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MessageState.Descriptor instead.
+func (MessageState) EnumDescriptor() ([]byte, []int) {
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{2}
+}
+
 // EnqueueRequest asks to append one message to a queue.
 type EnqueueRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -118,7 +244,13 @@ type EnqueueRequest struct {
 	// When the queue has a max_length and is full: false (default) fails with
 	// RESOURCE_EXHAUSTED at once; true waits for room until the call's
 	// deadline.
-	WaitForRoom   bool `protobuf:"varint,10,opt,name=wait_for_room,json=waitForRoom,proto3" json:"wait_for_room,omitempty"`
+	WaitForRoom bool `protobuf:"varint,10,opt,name=wait_for_room,json=waitForRoom,proto3" json:"wait_for_room,omitempty"`
+	// The task type (1-128 bytes, the characters of a queue name), by which
+	// workers dispatch to handlers and stats are broken down. Optional.
+	TaskType string `protobuf:"bytes,11,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
+	// Keep the message's outcome (result, error, or death) for GetResult,
+	// even when its consumer acks it without a result.
+	KeepResult    bool `protobuf:"varint,12,opt,name=keep_result,json=keepResult,proto3" json:"keep_result,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -219,6 +351,20 @@ func (x *EnqueueRequest) GetRetryPolicy() *RetryPolicy {
 func (x *EnqueueRequest) GetWaitForRoom() bool {
 	if x != nil {
 		return x.WaitForRoom
+	}
+	return false
+}
+
+func (x *EnqueueRequest) GetTaskType() string {
+	if x != nil {
+		return x.TaskType
+	}
+	return ""
+}
+
+func (x *EnqueueRequest) GetKeepResult() bool {
+	if x != nil {
+		return x.KeepResult
 	}
 	return false
 }
@@ -432,7 +578,11 @@ type BatchMessage struct {
 	// See EnqueueRequest.ttl.
 	Ttl *durationpb.Duration `protobuf:"bytes,7,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	// See EnqueueRequest.retry_policy.
-	RetryPolicy   *RetryPolicy `protobuf:"bytes,8,opt,name=retry_policy,json=retryPolicy,proto3" json:"retry_policy,omitempty"`
+	RetryPolicy *RetryPolicy `protobuf:"bytes,8,opt,name=retry_policy,json=retryPolicy,proto3" json:"retry_policy,omitempty"`
+	// See EnqueueRequest.task_type.
+	TaskType string `protobuf:"bytes,9,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
+	// See EnqueueRequest.keep_result.
+	KeepResult    bool `protobuf:"varint,10,opt,name=keep_result,json=keepResult,proto3" json:"keep_result,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -521,6 +671,20 @@ func (x *BatchMessage) GetRetryPolicy() *RetryPolicy {
 		return x.RetryPolicy
 	}
 	return nil
+}
+
+func (x *BatchMessage) GetTaskType() string {
+	if x != nil {
+		return x.TaskType
+	}
+	return ""
+}
+
+func (x *BatchMessage) GetKeepResult() bool {
+	if x != nil {
+		return x.KeepResult
+	}
+	return false
 }
 
 // EnqueueBatchResponse returns the ids of the enqueued messages.
@@ -739,7 +903,9 @@ type Delivery struct {
 	// The queue the message came from.
 	Queue string `protobuf:"bytes,8,opt,name=queue,proto3" json:"queue,omitempty"`
 	// The error text of the latest Nack of this message, if any.
-	LastError     string `protobuf:"bytes,9,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	LastError string `protobuf:"bytes,9,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	// The task type given at enqueue time, if any.
+	TaskType      string `protobuf:"bytes,10,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -837,11 +1003,22 @@ func (x *Delivery) GetLastError() string {
 	return ""
 }
 
+func (x *Delivery) GetTaskType() string {
+	if x != nil {
+		return x.TaskType
+	}
+	return ""
+}
+
 // AckRequest settles deliveries.
 type AckRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Ack tokens from Delivery.ack_token; any queues, at most 1000.
-	AckTokens     []string `protobuf:"bytes,1,rep,name=ack_tokens,json=ackTokens,proto3" json:"ack_tokens,omitempty"`
+	AckTokens []string `protobuf:"bytes,1,rep,name=ack_tokens,json=ackTokens,proto3" json:"ack_tokens,omitempty"`
+	// Results, by ack token (each must also be in ack_tokens): kept for
+	// GetResult under the message's id. At most the server's max payload
+	// size each.
+	Results       map[string][]byte `protobuf:"bytes,2,rep,name=results,proto3" json:"results,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -879,6 +1056,13 @@ func (*AckRequest) Descriptor() ([]byte, []int) {
 func (x *AckRequest) GetAckTokens() []string {
 	if x != nil {
 		return x.AckTokens
+	}
+	return nil
+}
+
+func (x *AckRequest) GetResults() map[string][]byte {
+	if x != nil {
+		return x.Results
 	}
 	return nil
 }
@@ -1589,7 +1773,10 @@ type GetQueueStatsResponse struct {
 	// Whether the queue is paused.
 	Paused bool `protobuf:"varint,9,opt,name=paused,proto3" json:"paused,omitempty"`
 	// Totals since the queue's counters began.
-	Counters      *QueueCounters `protobuf:"bytes,10,opt,name=counters,proto3" json:"counters,omitempty"`
+	Counters *QueueCounters `protobuf:"bytes,10,opt,name=counters,proto3" json:"counters,omitempty"`
+	// The same totals per task type (messages without a task type are not
+	// included), for at most 100 task types.
+	TaskTypes     map[string]*QueueCounters `protobuf:"bytes,11,rep,name=task_types,json=taskTypes,proto3" json:"task_types,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1694,6 +1881,13 @@ func (x *GetQueueStatsResponse) GetCounters() *QueueCounters {
 	return nil
 }
 
+func (x *GetQueueStatsResponse) GetTaskTypes() map[string]*QueueCounters {
+	if x != nil {
+		return x.TaskTypes
+	}
+	return nil
+}
+
 // QueueCounters are a queue's event totals.
 type QueueCounters struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1785,12 +1979,306 @@ func (x *QueueCounters) GetExpired() int64 {
 	return 0
 }
 
+// GetResultRequest asks for a message's outcome.
+type GetResultRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The queue the message was enqueued to.
+	Queue string `protobuf:"bytes,1,opt,name=queue,proto3" json:"queue,omitempty"`
+	// The message id.
+	Id string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	// Wait up to this long for the outcome (at most 5 minutes; the call's
+	// deadline also applies). Unset: answer at once.
+	Wait          *durationpb.Duration `protobuf:"bytes,3,opt,name=wait,proto3" json:"wait,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetResultRequest) Reset() {
+	*x = GetResultRequest{}
+	mi := &file_qbridge_v1_queue_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetResultRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetResultRequest) ProtoMessage() {}
+
+func (x *GetResultRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_qbridge_v1_queue_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetResultRequest.ProtoReflect.Descriptor instead.
+func (*GetResultRequest) Descriptor() ([]byte, []int) {
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *GetResultRequest) GetQueue() string {
+	if x != nil {
+		return x.Queue
+	}
+	return ""
+}
+
+func (x *GetResultRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *GetResultRequest) GetWait() *durationpb.Duration {
+	if x != nil {
+		return x.Wait
+	}
+	return nil
+}
+
+// GetResultResponse is a message's outcome.
+type GetResultResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message id.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// How it finished.
+	State ResultState `protobuf:"varint,2,opt,name=state,proto3,enum=qbridge.v1.ResultState" json:"state,omitempty"`
+	// The result payload its consumer acked it with (may be empty).
+	Result []byte `protobuf:"bytes,3,opt,name=result,proto3" json:"result,omitempty"`
+	// The error it failed or died with.
+	Error string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	// When it finished.
+	FinishTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=finish_time,json=finishTime,proto3" json:"finish_time,omitempty"`
+	// How many times it was delivered.
+	Attempts      uint32 `protobuf:"varint,6,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetResultResponse) Reset() {
+	*x = GetResultResponse{}
+	mi := &file_qbridge_v1_queue_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetResultResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetResultResponse) ProtoMessage() {}
+
+func (x *GetResultResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_qbridge_v1_queue_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetResultResponse.ProtoReflect.Descriptor instead.
+func (*GetResultResponse) Descriptor() ([]byte, []int) {
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *GetResultResponse) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *GetResultResponse) GetState() ResultState {
+	if x != nil {
+		return x.State
+	}
+	return ResultState_RESULT_STATE_UNSPECIFIED
+}
+
+func (x *GetResultResponse) GetResult() []byte {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *GetResultResponse) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *GetResultResponse) GetFinishTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FinishTime
+	}
+	return nil
+}
+
+func (x *GetResultResponse) GetAttempts() uint32 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
+}
+
+// GetMessageRequest names a message.
+type GetMessageRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The queue.
+	Queue string `protobuf:"bytes,1,opt,name=queue,proto3" json:"queue,omitempty"`
+	// The message id.
+	Id            string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetMessageRequest) Reset() {
+	*x = GetMessageRequest{}
+	mi := &file_qbridge_v1_queue_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetMessageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetMessageRequest) ProtoMessage() {}
+
+func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_qbridge_v1_queue_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetMessageRequest.ProtoReflect.Descriptor instead.
+func (*GetMessageRequest) Descriptor() ([]byte, []int) {
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *GetMessageRequest) GetQueue() string {
+	if x != nil {
+		return x.Queue
+	}
+	return ""
+}
+
+func (x *GetMessageRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// GetMessageResponse tells where a message is.
+type GetMessageResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message id.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Where it is: READY, DELAYED, IN_FLIGHT, DEAD, or (finished, while its
+	// result is kept) SUCCEEDED or FAILED.
+	State MessageState `protobuf:"varint,2,opt,name=state,proto3,enum=qbridge.v1.MessageState" json:"state,omitempty"`
+	// Times delivered so far.
+	Deliveries uint32 `protobuf:"varint,3,opt,name=deliveries,proto3" json:"deliveries,omitempty"`
+	// Its task type, if any.
+	TaskType string `protobuf:"bytes,4,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
+	// The error text of its latest Nack.
+	LastError     string `protobuf:"bytes,5,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetMessageResponse) Reset() {
+	*x = GetMessageResponse{}
+	mi := &file_qbridge_v1_queue_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetMessageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetMessageResponse) ProtoMessage() {}
+
+func (x *GetMessageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_qbridge_v1_queue_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetMessageResponse.ProtoReflect.Descriptor instead.
+func (*GetMessageResponse) Descriptor() ([]byte, []int) {
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *GetMessageResponse) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *GetMessageResponse) GetState() MessageState {
+	if x != nil {
+		return x.State
+	}
+	return MessageState_MESSAGE_STATE_UNSPECIFIED
+}
+
+func (x *GetMessageResponse) GetDeliveries() uint32 {
+	if x != nil {
+		return x.Deliveries
+	}
+	return 0
+}
+
+func (x *GetMessageResponse) GetTaskType() string {
+	if x != nil {
+		return x.TaskType
+	}
+	return ""
+}
+
+func (x *GetMessageResponse) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
 var File_qbridge_v1_queue_proto protoreflect.FileDescriptor
 
 const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\n" +
 	"\x16qbridge/v1/queue.proto\x12\n" +
-	"qbridge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x03\n" +
+	"qbridge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x04\n" +
 	"\x0eEnqueueRequest\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12A\n" +
@@ -1803,7 +2291,10 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\x03ttl\x18\b \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12:\n" +
 	"\fretry_policy\x18\t \x01(\v2\x17.qbridge.v1.RetryPolicyR\vretryPolicy\x12\"\n" +
 	"\rwait_for_room\x18\n" +
-	" \x01(\bR\vwaitForRoom\x1a:\n" +
+	" \x01(\bR\vwaitForRoom\x12\x1b\n" +
+	"\ttask_type\x18\v \x01(\tR\btaskType\x12\x1f\n" +
+	"\vkeep_result\x18\f \x01(\bR\n" +
+	"keepResult\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa8\x01\n" +
@@ -1819,7 +2310,7 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\x13EnqueueBatchRequest\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x124\n" +
 	"\bmessages\x18\x02 \x03(\v2\x18.qbridge.v1.BatchMessageR\bmessages\x12\"\n" +
-	"\rwait_for_room\x18\x03 \x01(\bR\vwaitForRoom\"\xa7\x03\n" +
+	"\rwait_for_room\x18\x03 \x01(\bR\vwaitForRoom\"\xe5\x03\n" +
 	"\fBatchMessage\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\x12?\n" +
 	"\aheaders\x18\x02 \x03(\v2%.qbridge.v1.BatchMessage.HeadersEntryR\aheaders\x12\x0e\n" +
@@ -1829,7 +2320,11 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"deliver_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tdeliverAt\x12\x1b\n" +
 	"\tdedup_key\x18\x06 \x01(\tR\bdedupKey\x12+\n" +
 	"\x03ttl\x18\a \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12:\n" +
-	"\fretry_policy\x18\b \x01(\v2\x17.qbridge.v1.RetryPolicyR\vretryPolicy\x1a:\n" +
+	"\fretry_policy\x18\b \x01(\v2\x17.qbridge.v1.RetryPolicyR\vretryPolicy\x12\x1b\n" +
+	"\ttask_type\x18\t \x01(\tR\btaskType\x12\x1f\n" +
+	"\vkeep_result\x18\n" +
+	" \x01(\bR\n" +
+	"keepResult\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"F\n" +
@@ -1845,7 +2340,7 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\x0fConsumeResponse\x124\n" +
 	"\n" +
 	"deliveries\x18\x01 \x03(\v2\x14.qbridge.v1.DeliveryR\n" +
-	"deliveries\"\x9b\x03\n" +
+	"deliveries\"\xb8\x03\n" +
 	"\bDelivery\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12;\n" +
@@ -1856,14 +2351,20 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\x0elease_deadline\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\rleaseDeadline\x12\x14\n" +
 	"\x05queue\x18\b \x01(\tR\x05queue\x12\x1d\n" +
 	"\n" +
-	"last_error\x18\t \x01(\tR\tlastError\x1a:\n" +
+	"last_error\x18\t \x01(\tR\tlastError\x12\x1b\n" +
+	"\ttask_type\x18\n" +
+	" \x01(\tR\btaskType\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"+\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa6\x01\n" +
 	"\n" +
 	"AckRequest\x12\x1d\n" +
 	"\n" +
-	"ack_tokens\x18\x01 \x03(\tR\tackTokens\"#\n" +
+	"ack_tokens\x18\x01 \x03(\tR\tackTokens\x12=\n" +
+	"\aresults\x18\x02 \x03(\v2#.qbridge.v1.AckRequest.ResultsEntryR\aresults\x1a:\n" +
+	"\fResultsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x01\"#\n" +
 	"\vAckResponse\x12\x14\n" +
 	"\x05acked\x18\x01 \x01(\rR\x05acked\"\xae\x01\n" +
 	"\vNackRequest\x12\x1d\n" +
@@ -1904,7 +2405,7 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\apattern\x18\x02 \x01(\tR\apattern\x12\x18\n" +
 	"\apayload\x18\x03 \x01(\fR\apayload\",\n" +
 	"\x14GetQueueStatsRequest\x12\x14\n" +
-	"\x05queue\x18\x01 \x01(\tR\x05queue\"\xe0\x02\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\"\x8a\x04\n" +
 	"\x15GetQueueStatsResponse\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
 	"\x05ready\x18\x02 \x01(\x03R\x05ready\x12\x1b\n" +
@@ -1916,21 +2417,63 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\back_rate\x18\b \x01(\x01R\aackRate\x12\x16\n" +
 	"\x06paused\x18\t \x01(\bR\x06paused\x125\n" +
 	"\bcounters\x18\n" +
-	" \x01(\v2\x19.qbridge.v1.QueueCountersR\bcounters\"\xbd\x01\n" +
+	" \x01(\v2\x19.qbridge.v1.QueueCountersR\bcounters\x12O\n" +
+	"\n" +
+	"task_types\x18\v \x03(\v20.qbridge.v1.GetQueueStatsResponse.TaskTypesEntryR\ttaskTypes\x1aW\n" +
+	"\x0eTaskTypesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12/\n" +
+	"\x05value\x18\x02 \x01(\v2\x19.qbridge.v1.QueueCountersR\x05value:\x028\x01\"\xbd\x01\n" +
 	"\rQueueCounters\x12\x1a\n" +
 	"\benqueued\x18\x01 \x01(\x03R\benqueued\x12\x14\n" +
 	"\x05acked\x18\x02 \x01(\x03R\x05acked\x12\x16\n" +
 	"\x06nacked\x18\x03 \x01(\x03R\x06nacked\x12#\n" +
 	"\rlease_expired\x18\x04 \x01(\x03R\fleaseExpired\x12#\n" +
 	"\rdead_lettered\x18\x05 \x01(\x03R\fdeadLettered\x12\x18\n" +
-	"\aexpired\x18\x06 \x01(\x03R\aexpired*\x8c\x01\n" +
+	"\aexpired\x18\x06 \x01(\x03R\aexpired\"g\n" +
+	"\x10GetResultRequest\x12\x14\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12-\n" +
+	"\x04wait\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x04wait\"\xd9\x01\n" +
+	"\x11GetResultResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12-\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x17.qbridge.v1.ResultStateR\x05state\x12\x16\n" +
+	"\x06result\x18\x03 \x01(\fR\x06result\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12;\n" +
+	"\vfinish_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"finishTime\x12\x1a\n" +
+	"\battempts\x18\x06 \x01(\rR\battempts\"9\n" +
+	"\x11GetMessageRequest\x12\x14\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\"\xb0\x01\n" +
+	"\x12GetMessageResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x18.qbridge.v1.MessageStateR\x05state\x12\x1e\n" +
+	"\n" +
+	"deliveries\x18\x03 \x01(\rR\n" +
+	"deliveries\x12\x1b\n" +
+	"\ttask_type\x18\x04 \x01(\tR\btaskType\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x05 \x01(\tR\tlastError*\x8c\x01\n" +
 	"\n" +
 	"NackAction\x12\x1b\n" +
 	"\x17NACK_ACTION_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13NACK_ACTION_REQUEUE\x10\x01\x12\x14\n" +
 	"\x10NACK_ACTION_DROP\x10\x02\x12\x15\n" +
 	"\x11NACK_ACTION_RETRY\x10\x03\x12\x1b\n" +
-	"\x17NACK_ACTION_DEAD_LETTER\x10\x042\x94\x05\n" +
+	"\x17NACK_ACTION_DEAD_LETTER\x10\x04*w\n" +
+	"\vResultState\x12\x1c\n" +
+	"\x18RESULT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16RESULT_STATE_SUCCEEDED\x10\x01\x12\x17\n" +
+	"\x13RESULT_STATE_FAILED\x10\x02\x12\x15\n" +
+	"\x11RESULT_STATE_DEAD\x10\x03*\xcd\x01\n" +
+	"\fMessageState\x12\x1d\n" +
+	"\x19MESSAGE_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13MESSAGE_STATE_READY\x10\x01\x12\x19\n" +
+	"\x15MESSAGE_STATE_DELAYED\x10\x02\x12\x1b\n" +
+	"\x17MESSAGE_STATE_IN_FLIGHT\x10\x03\x12\x16\n" +
+	"\x12MESSAGE_STATE_DEAD\x10\x04\x12\x1b\n" +
+	"\x17MESSAGE_STATE_SUCCEEDED\x10\x05\x12\x18\n" +
+	"\x14MESSAGE_STATE_FAILED\x10\x062\xab\x06\n" +
 	"\fQueueService\x12B\n" +
 	"\aEnqueue\x12\x1a.qbridge.v1.EnqueueRequest\x1a\x1b.qbridge.v1.EnqueueResponse\x12Q\n" +
 	"\fEnqueueBatch\x12\x1f.qbridge.v1.EnqueueBatchRequest\x1a .qbridge.v1.EnqueueBatchResponse\x12D\n" +
@@ -1940,7 +2483,10 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\vExtendLease\x12\x1e.qbridge.v1.ExtendLeaseRequest\x1a\x1f.qbridge.v1.ExtendLeaseResponse\x12B\n" +
 	"\aPublish\x12\x1a.qbridge.v1.PublishRequest\x1a\x1b.qbridge.v1.PublishResponse\x12J\n" +
 	"\tSubscribe\x12\x1c.qbridge.v1.SubscribeRequest\x1a\x1d.qbridge.v1.SubscribeResponse0\x01\x12T\n" +
-	"\rGetQueueStats\x12 .qbridge.v1.GetQueueStatsRequest\x1a!.qbridge.v1.GetQueueStatsResponseB5Z3github.com/qbridge/qbridge/gen/qbridge/v1;qbridgev1b\x06proto3"
+	"\rGetQueueStats\x12 .qbridge.v1.GetQueueStatsRequest\x1a!.qbridge.v1.GetQueueStatsResponse\x12H\n" +
+	"\tGetResult\x12\x1c.qbridge.v1.GetResultRequest\x1a\x1d.qbridge.v1.GetResultResponse\x12K\n" +
+	"\n" +
+	"GetMessage\x12\x1d.qbridge.v1.GetMessageRequest\x1a\x1e.qbridge.v1.GetMessageResponseB5Z3github.com/qbridge/qbridge/gen/qbridge/v1;qbridgev1b\x06proto3"
 
 var (
 	file_qbridge_v1_queue_proto_rawDescOnce sync.Once
@@ -1954,90 +2500,109 @@ func file_qbridge_v1_queue_proto_rawDescGZIP() []byte {
 	return file_qbridge_v1_queue_proto_rawDescData
 }
 
-var file_qbridge_v1_queue_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_qbridge_v1_queue_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_qbridge_v1_queue_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_qbridge_v1_queue_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_qbridge_v1_queue_proto_goTypes = []any{
 	(NackAction)(0),               // 0: qbridge.v1.NackAction
-	(*EnqueueRequest)(nil),        // 1: qbridge.v1.EnqueueRequest
-	(*RetryPolicy)(nil),           // 2: qbridge.v1.RetryPolicy
-	(*EnqueueResponse)(nil),       // 3: qbridge.v1.EnqueueResponse
-	(*EnqueueBatchRequest)(nil),   // 4: qbridge.v1.EnqueueBatchRequest
-	(*BatchMessage)(nil),          // 5: qbridge.v1.BatchMessage
-	(*EnqueueBatchResponse)(nil),  // 6: qbridge.v1.EnqueueBatchResponse
-	(*ConsumeRequest)(nil),        // 7: qbridge.v1.ConsumeRequest
-	(*ConsumeResponse)(nil),       // 8: qbridge.v1.ConsumeResponse
-	(*Delivery)(nil),              // 9: qbridge.v1.Delivery
-	(*AckRequest)(nil),            // 10: qbridge.v1.AckRequest
-	(*AckResponse)(nil),           // 11: qbridge.v1.AckResponse
-	(*NackRequest)(nil),           // 12: qbridge.v1.NackRequest
-	(*NackResponse)(nil),          // 13: qbridge.v1.NackResponse
-	(*ExtendLeaseRequest)(nil),    // 14: qbridge.v1.ExtendLeaseRequest
-	(*ExtendLeaseResponse)(nil),   // 15: qbridge.v1.ExtendLeaseResponse
-	(*PublishRequest)(nil),        // 16: qbridge.v1.PublishRequest
-	(*PublishResponse)(nil),       // 17: qbridge.v1.PublishResponse
-	(*SubscribeRequest)(nil),      // 18: qbridge.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),     // 19: qbridge.v1.SubscribeResponse
-	(*Subscribed)(nil),            // 20: qbridge.v1.Subscribed
-	(*PubSubMessage)(nil),         // 21: qbridge.v1.PubSubMessage
-	(*GetQueueStatsRequest)(nil),  // 22: qbridge.v1.GetQueueStatsRequest
-	(*GetQueueStatsResponse)(nil), // 23: qbridge.v1.GetQueueStatsResponse
-	(*QueueCounters)(nil),         // 24: qbridge.v1.QueueCounters
-	nil,                           // 25: qbridge.v1.EnqueueRequest.HeadersEntry
-	nil,                           // 26: qbridge.v1.BatchMessage.HeadersEntry
-	nil,                           // 27: qbridge.v1.Delivery.HeadersEntry
-	(*durationpb.Duration)(nil),   // 28: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
+	(ResultState)(0),              // 1: qbridge.v1.ResultState
+	(MessageState)(0),             // 2: qbridge.v1.MessageState
+	(*EnqueueRequest)(nil),        // 3: qbridge.v1.EnqueueRequest
+	(*RetryPolicy)(nil),           // 4: qbridge.v1.RetryPolicy
+	(*EnqueueResponse)(nil),       // 5: qbridge.v1.EnqueueResponse
+	(*EnqueueBatchRequest)(nil),   // 6: qbridge.v1.EnqueueBatchRequest
+	(*BatchMessage)(nil),          // 7: qbridge.v1.BatchMessage
+	(*EnqueueBatchResponse)(nil),  // 8: qbridge.v1.EnqueueBatchResponse
+	(*ConsumeRequest)(nil),        // 9: qbridge.v1.ConsumeRequest
+	(*ConsumeResponse)(nil),       // 10: qbridge.v1.ConsumeResponse
+	(*Delivery)(nil),              // 11: qbridge.v1.Delivery
+	(*AckRequest)(nil),            // 12: qbridge.v1.AckRequest
+	(*AckResponse)(nil),           // 13: qbridge.v1.AckResponse
+	(*NackRequest)(nil),           // 14: qbridge.v1.NackRequest
+	(*NackResponse)(nil),          // 15: qbridge.v1.NackResponse
+	(*ExtendLeaseRequest)(nil),    // 16: qbridge.v1.ExtendLeaseRequest
+	(*ExtendLeaseResponse)(nil),   // 17: qbridge.v1.ExtendLeaseResponse
+	(*PublishRequest)(nil),        // 18: qbridge.v1.PublishRequest
+	(*PublishResponse)(nil),       // 19: qbridge.v1.PublishResponse
+	(*SubscribeRequest)(nil),      // 20: qbridge.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),     // 21: qbridge.v1.SubscribeResponse
+	(*Subscribed)(nil),            // 22: qbridge.v1.Subscribed
+	(*PubSubMessage)(nil),         // 23: qbridge.v1.PubSubMessage
+	(*GetQueueStatsRequest)(nil),  // 24: qbridge.v1.GetQueueStatsRequest
+	(*GetQueueStatsResponse)(nil), // 25: qbridge.v1.GetQueueStatsResponse
+	(*QueueCounters)(nil),         // 26: qbridge.v1.QueueCounters
+	(*GetResultRequest)(nil),      // 27: qbridge.v1.GetResultRequest
+	(*GetResultResponse)(nil),     // 28: qbridge.v1.GetResultResponse
+	(*GetMessageRequest)(nil),     // 29: qbridge.v1.GetMessageRequest
+	(*GetMessageResponse)(nil),    // 30: qbridge.v1.GetMessageResponse
+	nil,                           // 31: qbridge.v1.EnqueueRequest.HeadersEntry
+	nil,                           // 32: qbridge.v1.BatchMessage.HeadersEntry
+	nil,                           // 33: qbridge.v1.Delivery.HeadersEntry
+	nil,                           // 34: qbridge.v1.AckRequest.ResultsEntry
+	nil,                           // 35: qbridge.v1.GetQueueStatsResponse.TaskTypesEntry
+	(*durationpb.Duration)(nil),   // 36: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 37: google.protobuf.Timestamp
 }
 var file_qbridge_v1_queue_proto_depIdxs = []int32{
-	25, // 0: qbridge.v1.EnqueueRequest.headers:type_name -> qbridge.v1.EnqueueRequest.HeadersEntry
-	28, // 1: qbridge.v1.EnqueueRequest.delay:type_name -> google.protobuf.Duration
-	29, // 2: qbridge.v1.EnqueueRequest.deliver_at:type_name -> google.protobuf.Timestamp
-	28, // 3: qbridge.v1.EnqueueRequest.ttl:type_name -> google.protobuf.Duration
-	2,  // 4: qbridge.v1.EnqueueRequest.retry_policy:type_name -> qbridge.v1.RetryPolicy
-	28, // 5: qbridge.v1.RetryPolicy.min_backoff:type_name -> google.protobuf.Duration
-	28, // 6: qbridge.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
-	5,  // 7: qbridge.v1.EnqueueBatchRequest.messages:type_name -> qbridge.v1.BatchMessage
-	26, // 8: qbridge.v1.BatchMessage.headers:type_name -> qbridge.v1.BatchMessage.HeadersEntry
-	28, // 9: qbridge.v1.BatchMessage.delay:type_name -> google.protobuf.Duration
-	29, // 10: qbridge.v1.BatchMessage.deliver_at:type_name -> google.protobuf.Timestamp
-	28, // 11: qbridge.v1.BatchMessage.ttl:type_name -> google.protobuf.Duration
-	2,  // 12: qbridge.v1.BatchMessage.retry_policy:type_name -> qbridge.v1.RetryPolicy
-	28, // 13: qbridge.v1.ConsumeRequest.lease_duration:type_name -> google.protobuf.Duration
-	9,  // 14: qbridge.v1.ConsumeResponse.deliveries:type_name -> qbridge.v1.Delivery
-	27, // 15: qbridge.v1.Delivery.headers:type_name -> qbridge.v1.Delivery.HeadersEntry
-	29, // 16: qbridge.v1.Delivery.enqueue_time:type_name -> google.protobuf.Timestamp
-	29, // 17: qbridge.v1.Delivery.lease_deadline:type_name -> google.protobuf.Timestamp
-	0,  // 18: qbridge.v1.NackRequest.action:type_name -> qbridge.v1.NackAction
-	28, // 19: qbridge.v1.NackRequest.retry_delay:type_name -> google.protobuf.Duration
-	28, // 20: qbridge.v1.ExtendLeaseRequest.lease_duration:type_name -> google.protobuf.Duration
-	29, // 21: qbridge.v1.ExtendLeaseResponse.lease_deadline:type_name -> google.protobuf.Timestamp
-	20, // 22: qbridge.v1.SubscribeResponse.subscribed:type_name -> qbridge.v1.Subscribed
-	21, // 23: qbridge.v1.SubscribeResponse.message:type_name -> qbridge.v1.PubSubMessage
-	28, // 24: qbridge.v1.GetQueueStatsResponse.oldest_ready_age:type_name -> google.protobuf.Duration
-	24, // 25: qbridge.v1.GetQueueStatsResponse.counters:type_name -> qbridge.v1.QueueCounters
-	1,  // 26: qbridge.v1.QueueService.Enqueue:input_type -> qbridge.v1.EnqueueRequest
-	4,  // 27: qbridge.v1.QueueService.EnqueueBatch:input_type -> qbridge.v1.EnqueueBatchRequest
-	7,  // 28: qbridge.v1.QueueService.Consume:input_type -> qbridge.v1.ConsumeRequest
-	10, // 29: qbridge.v1.QueueService.Ack:input_type -> qbridge.v1.AckRequest
-	12, // 30: qbridge.v1.QueueService.Nack:input_type -> qbridge.v1.NackRequest
-	14, // 31: qbridge.v1.QueueService.ExtendLease:input_type -> qbridge.v1.ExtendLeaseRequest
-	16, // 32: qbridge.v1.QueueService.Publish:input_type -> qbridge.v1.PublishRequest
-	18, // 33: qbridge.v1.QueueService.Subscribe:input_type -> qbridge.v1.SubscribeRequest
-	22, // 34: qbridge.v1.QueueService.GetQueueStats:input_type -> qbridge.v1.GetQueueStatsRequest
-	3,  // 35: qbridge.v1.QueueService.Enqueue:output_type -> qbridge.v1.EnqueueResponse
-	6,  // 36: qbridge.v1.QueueService.EnqueueBatch:output_type -> qbridge.v1.EnqueueBatchResponse
-	8,  // 37: qbridge.v1.QueueService.Consume:output_type -> qbridge.v1.ConsumeResponse
-	11, // 38: qbridge.v1.QueueService.Ack:output_type -> qbridge.v1.AckResponse
-	13, // 39: qbridge.v1.QueueService.Nack:output_type -> qbridge.v1.NackResponse
-	15, // 40: qbridge.v1.QueueService.ExtendLease:output_type -> qbridge.v1.ExtendLeaseResponse
-	17, // 41: qbridge.v1.QueueService.Publish:output_type -> qbridge.v1.PublishResponse
-	19, // 42: qbridge.v1.QueueService.Subscribe:output_type -> qbridge.v1.SubscribeResponse
-	23, // 43: qbridge.v1.QueueService.GetQueueStats:output_type -> qbridge.v1.GetQueueStatsResponse
-	35, // [35:44] is the sub-list for method output_type
-	26, // [26:35] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	31, // 0: qbridge.v1.EnqueueRequest.headers:type_name -> qbridge.v1.EnqueueRequest.HeadersEntry
+	36, // 1: qbridge.v1.EnqueueRequest.delay:type_name -> google.protobuf.Duration
+	37, // 2: qbridge.v1.EnqueueRequest.deliver_at:type_name -> google.protobuf.Timestamp
+	36, // 3: qbridge.v1.EnqueueRequest.ttl:type_name -> google.protobuf.Duration
+	4,  // 4: qbridge.v1.EnqueueRequest.retry_policy:type_name -> qbridge.v1.RetryPolicy
+	36, // 5: qbridge.v1.RetryPolicy.min_backoff:type_name -> google.protobuf.Duration
+	36, // 6: qbridge.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
+	7,  // 7: qbridge.v1.EnqueueBatchRequest.messages:type_name -> qbridge.v1.BatchMessage
+	32, // 8: qbridge.v1.BatchMessage.headers:type_name -> qbridge.v1.BatchMessage.HeadersEntry
+	36, // 9: qbridge.v1.BatchMessage.delay:type_name -> google.protobuf.Duration
+	37, // 10: qbridge.v1.BatchMessage.deliver_at:type_name -> google.protobuf.Timestamp
+	36, // 11: qbridge.v1.BatchMessage.ttl:type_name -> google.protobuf.Duration
+	4,  // 12: qbridge.v1.BatchMessage.retry_policy:type_name -> qbridge.v1.RetryPolicy
+	36, // 13: qbridge.v1.ConsumeRequest.lease_duration:type_name -> google.protobuf.Duration
+	11, // 14: qbridge.v1.ConsumeResponse.deliveries:type_name -> qbridge.v1.Delivery
+	33, // 15: qbridge.v1.Delivery.headers:type_name -> qbridge.v1.Delivery.HeadersEntry
+	37, // 16: qbridge.v1.Delivery.enqueue_time:type_name -> google.protobuf.Timestamp
+	37, // 17: qbridge.v1.Delivery.lease_deadline:type_name -> google.protobuf.Timestamp
+	34, // 18: qbridge.v1.AckRequest.results:type_name -> qbridge.v1.AckRequest.ResultsEntry
+	0,  // 19: qbridge.v1.NackRequest.action:type_name -> qbridge.v1.NackAction
+	36, // 20: qbridge.v1.NackRequest.retry_delay:type_name -> google.protobuf.Duration
+	36, // 21: qbridge.v1.ExtendLeaseRequest.lease_duration:type_name -> google.protobuf.Duration
+	37, // 22: qbridge.v1.ExtendLeaseResponse.lease_deadline:type_name -> google.protobuf.Timestamp
+	22, // 23: qbridge.v1.SubscribeResponse.subscribed:type_name -> qbridge.v1.Subscribed
+	23, // 24: qbridge.v1.SubscribeResponse.message:type_name -> qbridge.v1.PubSubMessage
+	36, // 25: qbridge.v1.GetQueueStatsResponse.oldest_ready_age:type_name -> google.protobuf.Duration
+	26, // 26: qbridge.v1.GetQueueStatsResponse.counters:type_name -> qbridge.v1.QueueCounters
+	35, // 27: qbridge.v1.GetQueueStatsResponse.task_types:type_name -> qbridge.v1.GetQueueStatsResponse.TaskTypesEntry
+	36, // 28: qbridge.v1.GetResultRequest.wait:type_name -> google.protobuf.Duration
+	1,  // 29: qbridge.v1.GetResultResponse.state:type_name -> qbridge.v1.ResultState
+	37, // 30: qbridge.v1.GetResultResponse.finish_time:type_name -> google.protobuf.Timestamp
+	2,  // 31: qbridge.v1.GetMessageResponse.state:type_name -> qbridge.v1.MessageState
+	26, // 32: qbridge.v1.GetQueueStatsResponse.TaskTypesEntry.value:type_name -> qbridge.v1.QueueCounters
+	3,  // 33: qbridge.v1.QueueService.Enqueue:input_type -> qbridge.v1.EnqueueRequest
+	6,  // 34: qbridge.v1.QueueService.EnqueueBatch:input_type -> qbridge.v1.EnqueueBatchRequest
+	9,  // 35: qbridge.v1.QueueService.Consume:input_type -> qbridge.v1.ConsumeRequest
+	12, // 36: qbridge.v1.QueueService.Ack:input_type -> qbridge.v1.AckRequest
+	14, // 37: qbridge.v1.QueueService.Nack:input_type -> qbridge.v1.NackRequest
+	16, // 38: qbridge.v1.QueueService.ExtendLease:input_type -> qbridge.v1.ExtendLeaseRequest
+	18, // 39: qbridge.v1.QueueService.Publish:input_type -> qbridge.v1.PublishRequest
+	20, // 40: qbridge.v1.QueueService.Subscribe:input_type -> qbridge.v1.SubscribeRequest
+	24, // 41: qbridge.v1.QueueService.GetQueueStats:input_type -> qbridge.v1.GetQueueStatsRequest
+	27, // 42: qbridge.v1.QueueService.GetResult:input_type -> qbridge.v1.GetResultRequest
+	29, // 43: qbridge.v1.QueueService.GetMessage:input_type -> qbridge.v1.GetMessageRequest
+	5,  // 44: qbridge.v1.QueueService.Enqueue:output_type -> qbridge.v1.EnqueueResponse
+	8,  // 45: qbridge.v1.QueueService.EnqueueBatch:output_type -> qbridge.v1.EnqueueBatchResponse
+	10, // 46: qbridge.v1.QueueService.Consume:output_type -> qbridge.v1.ConsumeResponse
+	13, // 47: qbridge.v1.QueueService.Ack:output_type -> qbridge.v1.AckResponse
+	15, // 48: qbridge.v1.QueueService.Nack:output_type -> qbridge.v1.NackResponse
+	17, // 49: qbridge.v1.QueueService.ExtendLease:output_type -> qbridge.v1.ExtendLeaseResponse
+	19, // 50: qbridge.v1.QueueService.Publish:output_type -> qbridge.v1.PublishResponse
+	21, // 51: qbridge.v1.QueueService.Subscribe:output_type -> qbridge.v1.SubscribeResponse
+	25, // 52: qbridge.v1.QueueService.GetQueueStats:output_type -> qbridge.v1.GetQueueStatsResponse
+	28, // 53: qbridge.v1.QueueService.GetResult:output_type -> qbridge.v1.GetResultResponse
+	30, // 54: qbridge.v1.QueueService.GetMessage:output_type -> qbridge.v1.GetMessageResponse
+	44, // [44:55] is the sub-list for method output_type
+	33, // [33:44] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_qbridge_v1_queue_proto_init() }
@@ -2054,8 +2619,8 @@ func file_qbridge_v1_queue_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_qbridge_v1_queue_proto_rawDesc), len(file_qbridge_v1_queue_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   27,
+			NumEnums:      3,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -28,6 +28,8 @@ const (
 	QueueService_Publish_FullMethodName       = "/qbridge.v1.QueueService/Publish"
 	QueueService_Subscribe_FullMethodName     = "/qbridge.v1.QueueService/Subscribe"
 	QueueService_GetQueueStats_FullMethodName = "/qbridge.v1.QueueService/GetQueueStats"
+	QueueService_GetResult_FullMethodName     = "/qbridge.v1.QueueService/GetResult"
+	QueueService_GetMessage_FullMethodName    = "/qbridge.v1.QueueService/GetMessage"
 )
 
 // QueueServiceClient is the client API for QueueService service.
@@ -96,6 +98,19 @@ type QueueServiceClient interface {
 	// GetQueueStats reports how many messages a queue holds ready and in
 	// flight. An unknown queue is simply empty.
 	GetQueueStats(ctx context.Context, in *GetQueueStatsRequest, opts ...grpc.CallOption) (*GetQueueStatsResponse, error)
+	// GetResult returns the outcome of a message: the result its consumer
+	// acked it with, or the error it failed or died with. It is kept for the
+	// server's result retention (24h by default) for messages enqueued with
+	// keep_result, and for any message acked with a result. With wait set,
+	// the call waits up to that long for the outcome to appear (it is woken
+	// by the ack, it does not poll). No outcome (yet): NOT_FOUND.
+	GetResult(ctx context.Context, in *GetResultRequest, opts ...grpc.CallOption) (*GetResultResponse, error)
+	// GetMessage finds a message by id and tells where it is: ready, delayed,
+	// in flight, dead, or finished (succeeded or failed, while its result is
+	// kept). It searches the queue, so it costs time proportional to the
+	// queue's size; meant for people and tools, not hot paths. Unknown id:
+	// NOT_FOUND.
+	GetMessage(ctx context.Context, in *GetMessageRequest, opts ...grpc.CallOption) (*GetMessageResponse, error)
 }
 
 type queueServiceClient struct {
@@ -214,6 +229,26 @@ func (c *queueServiceClient) GetQueueStats(ctx context.Context, in *GetQueueStat
 	return out, nil
 }
 
+func (c *queueServiceClient) GetResult(ctx context.Context, in *GetResultRequest, opts ...grpc.CallOption) (*GetResultResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetResultResponse)
+	err := c.cc.Invoke(ctx, QueueService_GetResult_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *queueServiceClient) GetMessage(ctx context.Context, in *GetMessageRequest, opts ...grpc.CallOption) (*GetMessageResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetMessageResponse)
+	err := c.cc.Invoke(ctx, QueueService_GetMessage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // QueueServiceServer is the server API for QueueService service.
 // All implementations must embed UnimplementedQueueServiceServer
 // for forward compatibility.
@@ -280,6 +315,19 @@ type QueueServiceServer interface {
 	// GetQueueStats reports how many messages a queue holds ready and in
 	// flight. An unknown queue is simply empty.
 	GetQueueStats(context.Context, *GetQueueStatsRequest) (*GetQueueStatsResponse, error)
+	// GetResult returns the outcome of a message: the result its consumer
+	// acked it with, or the error it failed or died with. It is kept for the
+	// server's result retention (24h by default) for messages enqueued with
+	// keep_result, and for any message acked with a result. With wait set,
+	// the call waits up to that long for the outcome to appear (it is woken
+	// by the ack, it does not poll). No outcome (yet): NOT_FOUND.
+	GetResult(context.Context, *GetResultRequest) (*GetResultResponse, error)
+	// GetMessage finds a message by id and tells where it is: ready, delayed,
+	// in flight, dead, or finished (succeeded or failed, while its result is
+	// kept). It searches the queue, so it costs time proportional to the
+	// queue's size; meant for people and tools, not hot paths. Unknown id:
+	// NOT_FOUND.
+	GetMessage(context.Context, *GetMessageRequest) (*GetMessageResponse, error)
 	mustEmbedUnimplementedQueueServiceServer()
 }
 
@@ -316,6 +364,12 @@ func (UnimplementedQueueServiceServer) Subscribe(*SubscribeRequest, grpc.ServerS
 }
 func (UnimplementedQueueServiceServer) GetQueueStats(context.Context, *GetQueueStatsRequest) (*GetQueueStatsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetQueueStats not implemented")
+}
+func (UnimplementedQueueServiceServer) GetResult(context.Context, *GetResultRequest) (*GetResultResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetResult not implemented")
+}
+func (UnimplementedQueueServiceServer) GetMessage(context.Context, *GetMessageRequest) (*GetMessageResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetMessage not implemented")
 }
 func (UnimplementedQueueServiceServer) mustEmbedUnimplementedQueueServiceServer() {}
 func (UnimplementedQueueServiceServer) testEmbeddedByValue()                      {}
@@ -486,6 +540,42 @@ func _QueueService_GetQueueStats_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _QueueService_GetResult_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetResultRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(QueueServiceServer).GetResult(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: QueueService_GetResult_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(QueueServiceServer).GetResult(ctx, req.(*GetResultRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _QueueService_GetMessage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetMessageRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(QueueServiceServer).GetMessage(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: QueueService_GetMessage_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(QueueServiceServer).GetMessage(ctx, req.(*GetMessageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // QueueService_ServiceDesc is the grpc.ServiceDesc for QueueService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -520,6 +610,14 @@ var QueueService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetQueueStats",
 			Handler:    _QueueService_GetQueueStats_Handler,
+		},
+		{
+			MethodName: "GetResult",
+			Handler:    _QueueService_GetResult_Handler,
+		},
+		{
+			MethodName: "GetMessage",
+			Handler:    _QueueService_GetMessage_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
