@@ -665,6 +665,7 @@ func (s *Server) deliveries(c *consumer, ls []broker.Lease) []*qbridgev1.Deliver
 			Attempt:     m.Deliveries,
 			Queue:       l.Queue,
 			LastError:   m.LastError,
+			TaskType:    m.TaskType,
 		}
 		if !c.autoAck {
 			d.AckToken = ackToken{Queue: l.Queue, LeaseID: l.LeaseID, Instance: s.instance, Consumer: c.id}.String()
@@ -689,6 +690,7 @@ func parseTokens(tokens []string) (map[string][]ackToken, error) {
 		if err != nil {
 			return nil, invalidf("ack_tokens[%d]: %v", i, err)
 		}
+		t.raw = s
 		byQueue[t.Queue] = append(byQueue[t.Queue], t)
 	}
 	return byQueue, nil
@@ -776,7 +778,7 @@ func (s *Server) applyControl(payload string) {
 // applyTokens runs op for each queue's tokens and reports how many were
 // applied; stale tokens make a FAILED_PRECONDITION error that says so.
 func (s *Server) applyTokens(ctx context.Context, verb string, settles bool, tokens []string,
-	op func(ctx context.Context, queue string, ids []string) ([]bool, error)) (int, error) {
+	op func(ctx context.Context, queue string, ts []ackToken) ([]bool, error)) (int, error) {
 	byQueue, err := parseTokens(tokens)
 	if err != nil {
 		return 0, err
@@ -784,7 +786,7 @@ func (s *Server) applyTokens(ctx context.Context, verb string, settles bool, tok
 	done, stale := 0, 0
 	var firstErr error
 	for q, ts := range byQueue {
-		ok, err := op(ctx, q, leaseIDs(ts))
+		ok, err := op(ctx, q, ts)
 		if err != nil {
 			firstErr = err
 			continue
@@ -812,7 +814,33 @@ func (s *Server) applyTokens(ctx context.Context, verb string, settles bool, tok
 
 // Ack implements QueueService.Ack.
 func (s *Server) Ack(ctx context.Context, req *qbridgev1.AckRequest) (*qbridgev1.AckResponse, error) {
-	n, err := s.applyTokens(ctx, "acknowledged", true, req.GetAckTokens(), s.b.Ack)
+	results := req.GetResults()
+	if len(results) > 0 {
+		listed := make(map[string]bool, len(req.GetAckTokens()))
+		for _, t := range req.GetAckTokens() {
+			listed[t] = true
+		}
+		for t, r := range results {
+			if !listed[t] {
+				return nil, toStatus(invalidf("results has a token that is not in ack_tokens (%.40q...)", t))
+			}
+			if len(r) > s.opts.maxPayload {
+				return nil, toStatus(invalidf("a result is %d bytes; the limit is %d (qbridged --max-payload-bytes)", len(r), s.opts.maxPayload))
+			}
+		}
+	}
+	n, err := s.applyTokens(ctx, "acknowledged", true, req.GetAckTokens(), func(ctx context.Context, q string, ts []ackToken) ([]bool, error) {
+		var res [][]byte
+		if len(results) > 0 {
+			res = make([][]byte, len(ts))
+			for i, t := range ts {
+				if r, ok := results[t.raw]; ok {
+					res[i] = append([]byte{}, r...) // non-nil even when empty
+				}
+			}
+		}
+		return s.b.Ack(ctx, q, leaseIDs(ts), res)
+	})
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -849,9 +877,10 @@ func (s *Server) Nack(ctx context.Context, req *qbridgev1.NackRequest) (*qbridge
 	if delay >= 0 && action != broker.NackRequeue && action != broker.NackRetry {
 		return nil, toStatus(invalidf("retry_delay goes with NACK_ACTION_REQUEUE or NACK_ACTION_RETRY"))
 	}
-	op := func(ctx context.Context, q string, ids []string) ([]bool, error) {
+	op := func(ctx context.Context, q string, ts []ackToken) ([]bool, error) {
+		ids := leaseIDs(ts)
 		if action == "" {
-			return s.b.Drop(ctx, q, ids)
+			return s.b.Drop(ctx, q, ids, req.GetError())
 		}
 		ok, due, err := s.b.Nack(ctx, q, ids, action, delay, req.GetError())
 		if err == nil && !due.IsZero() {
@@ -873,7 +902,8 @@ func (s *Server) ExtendLease(ctx context.Context, req *qbridgev1.ExtendLeaseRequ
 		return nil, toStatus(invalidError{err})
 	}
 	var deadline time.Time
-	_, err = s.applyTokens(ctx, "extended", false, req.GetAckTokens(), func(ctx context.Context, q string, ids []string) ([]bool, error) {
+	_, err = s.applyTokens(ctx, "extended", false, req.GetAckTokens(), func(ctx context.Context, q string, ts []ackToken) ([]bool, error) {
+		ids := leaseIDs(ts)
 		d, ok, err := s.b.Extend(ctx, q, ids, lease)
 		if err == nil {
 			deadline = d

@@ -99,6 +99,24 @@ func TestEmbeddedEnginePolicies(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// Results: an ack wakes a waiting GetResult (PUBLISH from Lua).
+	kr, err := c.Enqueue(ctx, &qbridgev1.EnqueueRequest{Queue: "emb", Payload: []byte("q"), KeepResult: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan *qbridgev1.GetResultResponse, 1)
+	go func() {
+		r, _ := c.GetResult(ctx, &qbridgev1.GetResultRequest{Queue: "emb", Id: kr.GetId(), Wait: durationpb.New(10 * time.Second)})
+		waited <- r
+	}()
+	kd := s.next(t, 5*time.Second)
+	if _, err := c.Ack(ctx, &qbridgev1.AckRequest{AckTokens: []string{kd.GetAckToken()}, Results: map[string][]byte{kd.GetAckToken(): []byte("a")}}); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-waited; string(r.GetResult()) != "a" {
+		t.Fatalf("result on the embedded engine: %v", r)
+	}
+
 	// Dedup and bounded queues.
 	a, err := c.Enqueue(ctx, &qbridgev1.EnqueueRequest{Queue: "emb2", Payload: []byte("x"), DedupKey: "k"})
 	if err != nil {

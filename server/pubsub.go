@@ -137,11 +137,13 @@ func (h *hub) fanOut(m *redis.Message) {
 	keys := h.s.b.Keys()
 	if strings.HasPrefix(m.Channel, keys.Channel(internalPrefix)) {
 		if m.Pattern == "" {
-			switch m.Channel {
-			case h.s.controlChannel():
+			switch {
+			case m.Channel == h.s.controlChannel():
 				h.s.applyControl(m.Payload)
-			case keys.Channel(eventsChannel):
+			case m.Channel == keys.Channel(eventsChannel):
 				h.s.applyEvent(m.Payload)
+			case strings.HasPrefix(m.Channel, keys.Channel(resultsChannelPrefix)):
+				h.s.applyResultNotice(m.Channel, m.Payload)
 			}
 		}
 		return // never shown to Subscribe streams

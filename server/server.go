@@ -40,6 +40,7 @@ type Server struct {
 	promoter *promoter
 	rates    *rateSampler
 	known    sync.Map // queues registered in Redis by this process
+	waiters  resultWaiters
 
 	draining    chan struct{} // closed: refuse new work, stop claiming
 	stopStreams chan struct{} // closed: end every stream now
@@ -236,7 +237,7 @@ func (s *Server) Enqueue(ctx context.Context, req *qbridgev1.EnqueueRequest) (*q
 	res, err := s.enqueue(ctx, req.GetQueue(), req.GetWaitForRoom(), []*qbridgev1.BatchMessage{{
 		Payload: req.GetPayload(), Headers: req.GetHeaders(), Id: req.GetId(),
 		Delay: req.GetDelay(), DeliverAt: req.GetDeliverAt(), DedupKey: req.GetDedupKey(),
-		Ttl: req.GetTtl(), RetryPolicy: req.GetRetryPolicy(),
+		Ttl: req.GetTtl(), RetryPolicy: req.GetRetryPolicy(), TaskType: req.GetTaskType(), KeepResult: req.GetKeepResult(),
 	}})
 	if err != nil {
 		return nil, toStatus(err)
@@ -335,6 +336,16 @@ func (s *Server) newMessage(m *qbridgev1.BatchMessage, raw bool, queue string) (
 			return nm, fmt.Errorf("queue %q is in raw mode (plain Redis consumers read it), which cannot store a ttl", queue)
 		case m.GetRetryPolicy() != nil:
 			return nm, fmt.Errorf("queue %q is in raw mode (plain Redis consumers read it), which cannot store a retry policy; set it on the queue", queue)
+		case m.GetTaskType() != "" || m.GetKeepResult():
+			return nm, fmt.Errorf("queue %q is in raw mode (plain Redis consumers read it), which cannot store a task type or keep_result", queue)
+		}
+	}
+	if t := m.GetTaskType(); t != "" {
+		if err := ValidateName("task_type", t); err != nil {
+			return nm, err
+		}
+		if len(t) > maxTaskType {
+			return nm, fmt.Errorf("task_type is %d bytes; the limit is %d", len(t), maxTaskType)
 		}
 	}
 	if k := m.GetDedupKey(); k != "" {
@@ -368,6 +379,7 @@ func (s *Server) newMessage(m *qbridgev1.BatchMessage, raw bool, queue string) (
 		return nm, err
 	}
 	nm.ID, nm.Headers, nm.Payload, nm.Delay, nm.TTL, nm.DedupKey = m.GetId(), m.GetHeaders(), m.GetPayload(), delay, ttl, m.GetDedupKey()
+	nm.TaskType, nm.KeepResult = m.GetTaskType(), m.GetKeepResult()
 	nm.MaxAttempts, nm.BackoffMin, nm.BackoffMax = rp.MaxAttempts, rp.BackoffMin, rp.BackoffMax
 	return nm, nil
 }
@@ -432,6 +444,16 @@ func (s *Server) GetQueueStats(ctx context.Context, req *qbridgev1.GetQueueStats
 		resp.OldestReadyAge = durationpb.New(max(0, time.Since(st.OldestEnqueuedAt)))
 	}
 	resp.EnqueueRate, resp.AckRate = s.rates.rates(req.GetQueue(), c)
+	types, err := s.b.TypeCounters(ctx, req.GetQueue(), maxStatsTaskTypes)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if len(types) > 0 {
+		resp.TaskTypes = make(map[string]*qbridgev1.QueueCounters, len(types))
+		for t, c := range types {
+			resp.TaskTypes[t] = &qbridgev1.QueueCounters{Enqueued: c.Enqueued, Acked: c.Acked, Nacked: c.Nacked, DeadLettered: c.DeadLettered}
+		}
+	}
 	return resp, nil
 }
 

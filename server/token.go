@@ -21,6 +21,8 @@ type ackToken struct {
 	LeaseID  string
 	Instance string
 	Consumer uint64
+
+	raw string // the token as the client sent it (set by parseTokens)
 }
 
 const tokenVersion = "v1."

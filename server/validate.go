@@ -29,6 +29,10 @@ const (
 	maxAttempts   = 1000
 	maxQueues     = 16
 	maxDelay      = 365 * 24 * time.Hour
+	maxTaskType   = 128
+	maxResultWait = 5 * time.Minute
+	// maxStatsTaskTypes bounds the per-task-type breakdown of stats.
+	maxStatsTaskTypes = 100
 )
 
 func nameChar(c byte) bool {

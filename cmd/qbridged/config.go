@@ -43,6 +43,7 @@ type Config struct {
 	MaxLength        int
 	ExpiredAction    string
 	DedupWindow      time.Duration
+	ResultRetention  time.Duration
 	LogLevel         slog.Level
 	LogFormat        string
 }
@@ -142,6 +143,9 @@ var flagDefs = []flagDef{
 	{"dedup-window", "duration", "10m",
 		"Default time a dedup key is remembered (1s to 7 days).",
 		func(c *Config) flag.Value { return (*durationValue)(&c.DedupWindow) }},
+	{"result-retention", "duration", "24h",
+		"How long a message's result (GetResult) is kept after it finished (1s to 30 days).",
+		func(c *Config) flag.Value { return (*durationValue)(&c.ResultRetention) }},
 	{"log-level", "level", "info",
 		"Log level: debug, info, warn or error.",
 		func(c *Config) flag.Value { return (*levelValue)(&c.LogLevel) }},
@@ -261,6 +265,9 @@ func (c *Config) validate() error {
 	}
 	if c.ExpiredAction != "drop" && c.ExpiredAction != "dead-letter" {
 		bad("expired-action", "must be drop or dead-letter, got %q", c.ExpiredAction)
+	}
+	if c.ResultRetention < time.Second || c.ResultRetention > 30*24*time.Hour {
+		bad("result-retention", "must be between 1s and 720h, got %v", c.ResultRetention)
 	}
 	if c.DedupWindow < time.Second || c.DedupWindow > 7*24*time.Hour {
 		bad("dedup-window", "must be between 1s and 168h, got %v", c.DedupWindow)

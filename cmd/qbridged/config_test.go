@@ -47,6 +47,7 @@ func TestConfigDefaults(t *testing.T) {
 		RetryBackoffMax:  10 * time.Minute,
 		ExpiredAction:    "drop",
 		DedupWindow:      10 * time.Minute,
+		ResultRetention:  24 * time.Hour,
 		LogLevel:         slog.LevelInfo,
 		LogFormat:        "text",
 	}

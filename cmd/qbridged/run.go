@@ -107,6 +107,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			ExpiredDeadLetter: cfg.ExpiredAction == "dead-letter",
 			DedupWindow:       cfg.DedupWindow,
 		}),
+		broker.WithResultRetention(cfg.ResultRetention),
 	)
 	loadCtx, cancelLoad := context.WithTimeout(ctx, loadScriptsTimeout)
 	if err := b.LoadScripts(loadCtx); err != nil {

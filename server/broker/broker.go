@@ -18,6 +18,8 @@ type Broker struct {
 	keys     Keys
 	isRaw    func(queue string) bool
 	defaults Policy
+	// resultRetention is how long kept results live.
+	resultRetention time.Duration
 }
 
 // Policy is a queue policy. As server defaults every field is used; in a
@@ -66,9 +68,12 @@ func WithBlockingClient(c redis.UniversalClient) Option {
 // DefaultPolicy.
 func WithDefaults(p Policy) Option { return func(b *Broker) { b.defaults = p } }
 
+// WithResultRetention sets how long message results are kept. Default 24h.
+func WithResultRetention(d time.Duration) Option { return func(b *Broker) { b.resultRetention = d } }
+
 // New returns a Broker over rdb (a single node, Sentinel or Cluster client).
 func New(rdb redis.UniversalClient, opts ...Option) *Broker {
-	b := &Broker{rdb: rdb, isRaw: func(string) bool { return false }, defaults: DefaultPolicy}
+	b := &Broker{rdb: rdb, isRaw: func(string) bool { return false }, defaults: DefaultPolicy, resultRetention: 24 * time.Hour}
 	for _, o := range opts {
 		o(b)
 	}
@@ -114,9 +119,10 @@ func (b *Broker) run(ctx context.Context, s *redis.Script, queue string, args ..
 	if b.isRaw(queue) {
 		raw = "1"
 	}
-	argv := make([]any, 0, 8+len(args))
+	argv := make([]any, 0, 10+len(args))
 	argv = append(argv, raw, d.MaxAttempts, d.BackoffMin.Milliseconds(), d.BackoffMax.Milliseconds(),
-		expired, rand.Int32N(1<<30)+1, d.DedupWindow.Milliseconds(), d.MaxLength)
+		expired, rand.Int32N(1<<30)+1, d.DedupWindow.Milliseconds(), d.MaxLength,
+		b.resultRetention.Milliseconds(), b.keys.ResultsChannel(queue))
 	argv = append(argv, args...)
 	return s.Run(ctx, b.rdb, keys, argv...)
 }
@@ -130,6 +136,9 @@ type NewMessage struct {
 	DeliverAt time.Time     // or no earlier than this (zero: unset)
 	TTL       time.Duration // 0: never expires
 	DedupKey  string
+	TaskType  string
+	// KeepResult keeps the message's outcome for GetResult.
+	KeepResult bool
 	// Retry policy overrides (0: the queue's policy).
 	MaxAttempts            int
 	BackoffMin, BackoffMax time.Duration
@@ -177,7 +186,7 @@ func (b *Broker) EnqueueMany(ctx context.Context, queue string, msgs []NewMessag
 			res.IDs[i] = newID()
 		}
 		el := encodeEnvelope(&Message{
-			ID: res.IDs[i], EnqueuedAt: now, Headers: m.Headers, Payload: m.Payload,
+			ID: res.IDs[i], EnqueuedAt: now, Headers: m.Headers, Payload: m.Payload, TaskType: m.TaskType, KeepResult: m.KeepResult,
 			MaxAttempts: uint16(m.MaxAttempts), BackoffMin: uint32(m.BackoffMin.Milliseconds()), BackoffMax: uint32(m.BackoffMax.Milliseconds()),
 		})
 		var at int64
@@ -321,19 +330,29 @@ func (b *Broker) WaitReady(ctx context.Context, queue string, timeout time.Durat
 	return true, nil
 }
 
-// Ack settles leases for good. ok[i] tells whether leaseIDs[i] was still
-// held.
-func (b *Broker) Ack(ctx context.Context, queue string, leaseIDs []string) (ok []bool, err error) {
-	return b.settle(ctx, queue, "acked", leaseIDs)
+// Ack settles leases for good. results[i], when non-nil, is kept as the
+// result of leaseIDs[i]'s message (results may be nil). ok[i] tells whether
+// leaseIDs[i] was still held.
+func (b *Broker) Ack(ctx context.Context, queue string, leaseIDs []string, results [][]byte) (ok []bool, err error) {
+	return b.settle(ctx, queue, "acked", "", leaseIDs, results)
 }
 
-// Drop removes leased messages for good (a Nack that drops).
-func (b *Broker) Drop(ctx context.Context, queue string, leaseIDs []string) (ok []bool, err error) {
-	return b.settle(ctx, queue, "nacked", leaseIDs)
+// Drop removes leased messages for good (a Nack that drops); errText is
+// kept as their failure when they asked for their result.
+func (b *Broker) Drop(ctx context.Context, queue string, leaseIDs []string, errText string) (ok []bool, err error) {
+	return b.settle(ctx, queue, "nacked", errText, leaseIDs, nil)
 }
 
-func (b *Broker) settle(ctx context.Context, queue, counter string, leaseIDs []string) ([]bool, error) {
-	args := append([]any{counter}, strArgs(leaseIDs)...)
+func (b *Broker) settle(ctx context.Context, queue, counter, errText string, leaseIDs []string, results [][]byte) ([]bool, error) {
+	args := make([]any, 0, 2+2*len(leaseIDs))
+	args = append(args, counter, errText)
+	for i, id := range leaseIDs {
+		res := ""
+		if i < len(results) && results[i] != nil {
+			res = "=" + string(results[i])
+		}
+		args = append(args, id, res)
+	}
 	res, err := b.run(ctx, settleScript, queue, args...).Int64Slice()
 	if err != nil {
 		return nil, wrap(err, "settle in %q", queue)

@@ -29,6 +29,8 @@ import (
 //	                  string last_error = 2;   // of the latest Nack
 //	                  int64 dead_at_ms = 3;    // dead letters only
 //	                  string dead_reason = 4;  // dead letters only
+//	                  string task_type = 5;
+//	                  bool keep_result = 6;
 //	                }
 //	40+n+m  rest  payload, unchanged
 //
@@ -46,6 +48,8 @@ const (
 	metaLastErrorField  = 2
 	metaDeadAtField     = 3
 	metaDeadReasonField = 4
+	metaTaskTypeField   = 5
+	metaKeepResultField = 6
 )
 
 // Message is a queue message as qbridge sees it.
@@ -63,6 +67,8 @@ type Message struct {
 	LastError  string
 	DeadAt     int64 // unix ms; dead letters only
 	DeadReason string
+	TaskType   string
+	KeepResult bool
 }
 
 var errBadEnvelope = errors.New("malformed envelope")
@@ -90,6 +96,14 @@ func encodeEnvelope(m *Message) []byte {
 	if m.DeadReason != "" {
 		meta = protowire.AppendTag(meta, metaDeadReasonField, protowire.BytesType)
 		meta = protowire.AppendString(meta, m.DeadReason)
+	}
+	if m.TaskType != "" {
+		meta = protowire.AppendTag(meta, metaTaskTypeField, protowire.BytesType)
+		meta = protowire.AppendString(meta, m.TaskType)
+	}
+	if m.KeepResult {
+		meta = protowire.AppendTag(meta, metaKeepResultField, protowire.VarintType)
+		meta = protowire.AppendVarint(meta, 1)
 	}
 	b := make([]byte, 0, envelopeMinSize+len(m.ID)+len(meta)+len(m.Payload))
 	b = append(b, envelopeMagic...)
@@ -168,24 +182,31 @@ func decodeMeta(m *Message, meta []byte) error {
 				m.Headers = map[string]string{}
 			}
 			m.Headers[k] = v
-		case (num == metaLastErrorField || num == metaDeadReasonField) && typ == protowire.BytesType:
+		case (num == metaLastErrorField || num == metaDeadReasonField || num == metaTaskTypeField) && typ == protowire.BytesType:
 			v, n := protowire.ConsumeString(meta)
 			if n < 0 {
 				return bad(n)
 			}
 			meta = meta[n:]
-			if num == metaLastErrorField {
+			switch num {
+			case metaLastErrorField:
 				m.LastError = v
-			} else {
+			case metaDeadReasonField:
 				m.DeadReason = v
+			default:
+				m.TaskType = v
 			}
-		case num == metaDeadAtField && typ == protowire.VarintType:
+		case (num == metaDeadAtField || num == metaKeepResultField) && typ == protowire.VarintType:
 			v, n := protowire.ConsumeVarint(meta)
 			if n < 0 {
 				return bad(n)
 			}
 			meta = meta[n:]
-			m.DeadAt = int64(v)
+			if num == metaDeadAtField {
+				m.DeadAt = int64(v)
+			} else {
+				m.KeepResult = v == 1
+			}
 		default:
 			// A field from a newer format: skip it.
 			n = protowire.ConsumeFieldValue(num, typ, meta)

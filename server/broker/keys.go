@@ -21,6 +21,9 @@
 //	{P Q}:qb:paused       string present while the queue is paused
 //	{P Q}:qb:dedup        hash   dedup key -> id of the message enqueued with it
 //	{P Q}:qb:dedupexp     zset   dedup key -> end of its dedup window (unix ms)
+//	{P Q}:qb:typecounts   hash   "<task type>\x1f<counter>" -> total, per task type
+//	{P Q}:qb:results      hash   message id -> result record (outcome, time, attempts, error, payload)
+//	{P Q}:qb:resultexp    zset   message id -> end of the result's retention (unix ms)
 //	P qbridge:queues      set    queues qbridge has seen (enqueued to or consumed)
 //	P qbridge:due         zset   queue -> earliest due time of its delayed messages
 //
@@ -92,6 +95,18 @@ func (k Keys) Dedup(q string) string { return k.tag(q) + ":qb:dedup" }
 // DedupExpiry holds when each of queue q's dedup keys is forgotten.
 func (k Keys) DedupExpiry(q string) string { return k.tag(q) + ":qb:dedupexp" }
 
+// TypeCounts holds queue q's counters per task type.
+func (k Keys) TypeCounts(q string) string { return k.tag(q) + ":qb:typecounts" }
+
+// Results holds queue q's kept results.
+func (k Keys) Results(q string) string { return k.tag(q) + ":qb:results" }
+
+// ResultExpiry holds when each of queue q's results is forgotten.
+func (k Keys) ResultExpiry(q string) string { return k.tag(q) + ":qb:resultexp" }
+
+// ResultsChannel announces the ids of queue q's newly kept results.
+func (k Keys) ResultsChannel(q string) string { return k.prefix + "{qbridge}:results:" + q }
+
 // Queues is the set of queues qbridge has seen.
 func (k Keys) Queues() string { return k.prefix + "qbridge:queues" }
 
@@ -101,7 +116,8 @@ func (k Keys) Due() string { return k.prefix + "qbridge:due" }
 // script returns the standard KEYS of queue q's scripts (see scripts.go).
 func (k Keys) script(q string) []string {
 	return []string{k.Ready(q), k.InFlight(q), k.Leases(q), k.Seq(q), k.Delayed(q), k.Scheduled(q),
-		k.Dead(q), k.DeadIndex(q), k.Config(q), k.Counters(q), k.Paused(q), k.Dedup(q), k.DedupExpiry(q)}
+		k.Dead(q), k.DeadIndex(q), k.Config(q), k.Counters(q), k.Paused(q), k.Dedup(q), k.DedupExpiry(q),
+		k.TypeCounts(q), k.Results(q), k.ResultExpiry(q)}
 }
 
 // Channel is the Redis channel (or pattern) for pub/sub name c.

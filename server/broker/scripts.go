@@ -16,6 +16,9 @@ import "github.com/redis/go-redis/v9"
 //	KEYS[9] config hash       KEYS[10] counters hash   KEYS[11] paused flag
 //	KEYS[12] dedup hash (dedup key -> message id)
 //	KEYS[13] dedup expiry zset (dedup key -> end of its window, ms)
+//	KEYS[14] counters per task type (hash "<type>\x1f<counter>" -> total)
+//	KEYS[15] results hash (message id -> result record)
+//	KEYS[16] results expiry zset (message id -> end of retention, ms)
 //
 // and begin with the same ARGV block, the server defaults of the queue
 // policy (a queue's config hash overrides them, a message's envelope
@@ -25,7 +28,8 @@ import "github.com/redis/go-redis/v9"
 //	ARGV[2] max attempts          ARGV[6] random seed for backoff jitter
 //	ARGV[3] min backoff ms        ARGV[7] dedup window ms
 //	ARGV[4] max backoff ms        ARGV[8] max length (0: none)
-//	ARGV[9..] script-specific
+//	ARGV[9] result retention ms   ARGV[10] channel announcing stored results
+//	ARGV[11..] script-specific
 
 // luaPrelude holds what the queue scripts share.
 const luaPrelude = `
@@ -33,6 +37,7 @@ local READY, INFLIGHT, LEASES, SEQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local DELAYED, SCHED, DEAD, DEADIDX = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local CONFIG, COUNTERS, PAUSED = KEYS[9], KEYS[10], KEYS[11]
 local DEDUP, DEDUPEXP = KEYS[12], KEYS[13]
+local TYPECOUNTS, RESULTS, RESULTEXP = KEYS[14], KEYS[15], KEYS[16]
 local RAW = ARGV[1] == '1'
 local SEED = tonumber(ARGV[6])
 local MAGIC = '\0qb\1'
@@ -165,6 +170,56 @@ local function count(field, n)
   if n ~= 0 then redis.call('HINCRBY', COUNTERS, field, n) end
 end
 
+-- getmeta returns meta field num of e: a string (length-delimited field),
+-- a number (varint field), or nil.
+local function getmeta(e, num)
+  local n = rd16(e, 35)
+  local m = rd32(e, 37 + n)
+  local meta = string.sub(e, 41 + n, 40 + n + m)
+  local i, found = 1, nil
+  while i <= #meta do
+    local tag
+    tag, i = readvarint(meta, i)
+    local wt, v = tag % 8, nil
+    if wt == 2 then
+      local len
+      len, i = readvarint(meta, i)
+      v = string.sub(meta, i, i + len - 1)
+      i = i + len
+    elseif wt == 0 then
+      v, i = readvarint(meta, i)
+    else
+      break
+    end
+    if math.floor(tag / 8) == num then found = v end
+  end
+  return found
+end
+local function tasktype(e) return getmeta(e, 5) or '' end
+
+-- typecount bumps a counter of e's task type (untyped messages: none).
+local function typecount(e, field, n)
+  local t = tasktype(e)
+  if t ~= '' then redis.call('HINCRBY', TYPECOUNTS, t .. '\31' .. field, n) end
+end
+
+-- record keeps the outcome of e for GetResult, for the result retention,
+-- and announces it. state is 'S' (succeeded), 'F' (failed) or 'D' (dead).
+-- Record: state, finish ms (8), attempts (4), error length (4), error,
+-- result payload.
+local function record(e, state, result, err, now)
+  local id = idof(e)
+  redis.call('HSET', RESULTS, id, state .. be64(now) .. be32(deliveries(e)) .. be32(#err) .. err .. result)
+  redis.call('ZADD', RESULTEXP, now + tonumber(ARGV[9]), id)
+  local old = redis.call('ZRANGEBYSCORE', RESULTEXP, '-inf', now, 'LIMIT', 0, 100)
+  if #old > 0 then
+    redis.call('HDEL', RESULTS, unpack(old))
+    redis.call('ZREM', RESULTEXP, unpack(old))
+  end
+  redis.call('PUBLISH', ARGV[10], id)
+end
+local function keepresult(e) return getmeta(e, 6) == 1 end
+
 local function pushready(e, head)
   if RAW then e = payload(e) end
   if head then redis.call('LPUSH', READY, e) else redis.call('RPUSH', READY, e) end
@@ -182,6 +237,8 @@ end
 
 local function deadletter(e, reason, now)
   e = setmeta(setmeta(e, 3, now), 4, reason)
+  typecount(e, 'dead_lettered', 1)
+  if keepresult(e) then record(e, 'D', '', getmeta(e, 2) or reason, now) end
   local id = idof(e)
   if id == '' or redis.call('HEXISTS', DEAD, id) == 1 then
     id = id .. '#' .. redis.call('INCR', SEQ)
@@ -247,7 +304,7 @@ end
 // keys whose window has passed, so the cleanup costs O(1) per enqueue.
 //
 //	KEYS    standard
-//	ARGV[9] number of messages, then 5 per message:
+//	ARGV[11] number of messages, then 5 per message:
 //	        envelope, delay ms, deliver-at unix ms (0: none), ttl ms (0: none),
 //	        dedup key ("": none)
 //	returns {"OK", earliest due ms or 0, 1 if the queue's counters were
@@ -256,7 +313,7 @@ end
 //	     or {"FULL", messages held, max length}
 var enqueueScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
-local n = tonumber(ARGV[9])
+local n = tonumber(ARGV[11])
 local now = nowms()
 local old = redis.call('ZRANGEBYSCORE', DEDUPEXP, '-inf', now, 'LIMIT', 0, 100)
 if #old > 0 then
@@ -265,7 +322,7 @@ if #old > 0 then
 end
 local dups, seen, fresh = {}, {}, 0
 for i = 1, n do
-  local base = 9 + (i - 1) * 5
+  local base = 11 + (i - 1) * 5
   local key = ARGV[base + 5]
   dups[i] = ''
   if key ~= '' then
@@ -290,7 +347,7 @@ end
 local created = 1 - redis.call('EXISTS', COUNTERS)
 local out = {'OK', 0, created}
 for i = 1, n do
-  local base = 9 + (i - 1) * 5
+  local base = 11 + (i - 1) * 5
   local e, delay, at, ttl, key = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
       tonumber(ARGV[base + 4]), ARGV[base + 5]
   if dups[i] == '' then
@@ -304,6 +361,9 @@ for i = 1, n do
     if due > now then schedule(e, due) else pushready(e, false) end
   end
   out[#out + 1] = dups[i]
+end
+for i = 1, n do
+  if dups[i] == '' then typecount(ARGV[11 + (i - 1) * 5 + 1], 'enqueued', 1) end
 end
 count('enqueued', fresh)
 if created == 1 and fresh == 0 then redis.call('HSET', COUNTERS, 'enqueued', 0) end
@@ -319,13 +379,13 @@ return out
 // ttl passed are dropped or dead-lettered instead. A paused queue gives
 // nothing.
 //
-//	KEYS standard   ARGV[9] COUNT   ARGV[10] lease duration in ms
+//	KEYS standard   ARGV[11] COUNT   ARGV[12] lease duration in ms
 //	returns {remaining ready length (-1: paused), lease deadline ms, lid1, envelope1, ...}
 var claimScript = redis.NewScript(luaPrelude + `
 if redis.call('EXISTS', PAUSED) == 1 then return {-1, 0} end
-local els = redis.call('LPOP', READY, tonumber(ARGV[9]))
+local els = redis.call('LPOP', READY, tonumber(ARGV[11]))
 local now = nowms()
-local deadline = now + tonumber(ARGV[10])
+local deadline = now + tonumber(ARGV[12])
 if not els then return {0, deadline} end
 local out = {0, deadline}
 local h, z = {}, {}
@@ -358,11 +418,11 @@ return out
 // Expired messages are dropped or dead-lettered; a paused queue gives
 // nothing.
 //
-//	KEYS standard   ARGV[9] COUNT
+//	KEYS standard   ARGV[11] COUNT
 //	returns {remaining ready length (-1: paused), element1, element2, ...}
 var popScript = redis.NewScript(luaPrelude + `
 if redis.call('EXISTS', PAUSED) == 1 then return {-1} end
-local els = redis.call('LPOP', READY, tonumber(ARGV[9]))
+local els = redis.call('LPOP', READY, tonumber(ARGV[11]))
 if not els then return {0} end
 local now = nowms()
 local out = {0}
@@ -376,58 +436,78 @@ out[1] = redis.call('LLEN', READY)
 return out
 `)
 
-// settleScript removes leases for good: Ack, or Nack with drop.
+// settleScript removes leases for good: Ack ("acked"), or Nack with drop
+// ("nacked"). An acked message's result is kept when the ack carries one or
+// the message asked for it (keep_result); a dropped message's failure is
+// kept when it asked for it.
 //
-//	KEYS standard   ARGV[9] counter to bump ("acked" or "nacked")   ARGV[10..] lease ids
+//	KEYS standard
+//	ARGV[11] "acked" or "nacked"   ARGV[12] error text (drop)
+//	ARGV[13..] pairs: lease id, result ("" none, else "=" .. payload)
 //	returns one integer per lease id: 1 settled, 0 not in flight (stale token)
 var settleScript = redis.NewScript(luaPrelude + `
+local what, errtext = ARGV[11], ARGV[12]
+local now
 local out, n = {}, 0
-for i = 10, #ARGV do
-  local r = redis.call('HDEL', INFLIGHT, ARGV[i])
-  if r == 1 then
-    redis.call('ZREM', LEASES, ARGV[i])
+for i = 13, #ARGV, 2 do
+  local lid, res = ARGV[i], ARGV[i + 1]
+  local e = redis.call('HGET', INFLIGHT, lid)
+  if e then
+    redis.call('HDEL', INFLIGHT, lid)
+    redis.call('ZREM', LEASES, lid)
     n = n + 1
+    typecount(e, what, 1)
+    if what == 'acked' and (res ~= '' or keepresult(e)) then
+      now = now or nowms()
+      record(e, 'S', string.sub(res, 2), '', now)
+    elseif what == 'nacked' and keepresult(e) then
+      now = now or nowms()
+      record(e, 'F', '', errtext, now)
+    end
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
   end
-  out[#out + 1] = r
 end
-count(ARGV[9], n)
+count(what, n)
 return out
 `)
 
 // nackScript gives leased messages back: "requeue" (head of the ready list,
-// or after ARGV[10] ms), "retry" (after the backoff, or ARGV[10] ms), "dead"
+// or after ARGV[12] ms), "retry" (after the backoff, or ARGV[12] ms), "dead"
 // (to the dead letters), or "end" (a stream ended: like requeue, not counted
 // as a nack). Whatever is to be delivered again but used up its attempts is
 // dead-lettered. Entries no longer in flight are skipped, so a stale lease
 // id never touches a newer delivery.
 //
 //	KEYS standard
-//	ARGV[9] action   ARGV[10] delay ms (-1: none)   ARGV[11] error text ("" none)
-//	ARGV[12..] lease ids, oldest delivery first
+//	ARGV[11] action   ARGV[12] delay ms (-1: none)   ARGV[13] error text ("" none)
+//	ARGV[14..] lease ids, oldest delivery first
 //	returns {earliest due ms or 0, then one integer per lease id: 1 done, 0 not in flight}
 var nackScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
-local action, delay, errtext = ARGV[9], tonumber(ARGV[10]), ARGV[11]
+local action, delay, errtext = ARGV[11], tonumber(ARGV[12]), ARGV[13]
 if action ~= 'retry' and delay < 0 then delay = 0 end
 local now = nowms()
 local out = {0}
 local n = 0
 local heads = {}
-for i = 12, #ARGV do
+for i = 14, #ARGV do
   local lid = ARGV[i]
   local e = redis.call('HGET', INFLIGHT, lid)
-  out[i - 10] = 0
+  out[i - 12] = 0
   if e then
     redis.call('HDEL', INFLIGHT, lid)
     redis.call('ZREM', LEASES, lid)
     n = n + 1
     if errtext ~= '' then e = setmeta(e, 2, errtext) end
+    if action ~= 'end' then typecount(e, 'nacked', 1) end
     if action == 'dead' then
       deadletter(e, 'nacked as dead letter', now)
     elseif again(e, delay, now) then
       heads[#heads + 1] = e
     end
-    out[i - 10] = 1
+    out[i - 12] = 1
   end
 end
 pushheads(heads)
@@ -463,12 +543,12 @@ return out
 // letters when its attempts are used up. Safe to run from several instances
 // at once: each expired lease is handled once.
 //
-//	KEYS standard   ARGV[9] LIMIT
+//	KEYS standard   ARGV[11] LIMIT
 //	returns the number of leases handled
 var reapScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
 local now = nowms()
-local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[9]))
+local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[11]))
 table.sort(expired, bylid)
 local n = 0
 local heads = {}
@@ -490,12 +570,12 @@ return n
 // the tail of the ready list, in due order. Safe to run from several
 // instances at once: each message is promoted once.
 //
-//	KEYS standard   ARGV[9] LIMIT
+//	KEYS standard   ARGV[11] LIMIT
 //	returns {messages promoted, next due ms (0: none left), Redis now ms}
 var promoteScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
 local now = nowms()
-local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, tonumber(ARGV[9]))
+local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, tonumber(ARGV[11]))
 for i = 1, #due do
   local e = redis.call('HGET', SCHED, due[i])
   redis.call('HDEL', SCHED, due[i])
@@ -521,15 +601,15 @@ return n
 // replayScript moves dead letters back to the tail of the ready list with
 // their delivery count reset, their ttl and dead-letter fields removed.
 //
-//	KEYS standard   ARGV[9] "all" or "ids"   ARGV[10..] dead ids
+//	KEYS standard   ARGV[11] "all" or "ids"   ARGV[12..] dead ids
 //	returns the number of dead letters replayed
 var replayScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
 local ids = {}
-if ARGV[9] == 'all' then
+if ARGV[11] == 'all' then
   ids = redis.call('ZRANGE', DEADIDX, 0, -1)
 else
-  for i = 10, #ARGV do ids[#ids + 1] = ARGV[i] end
+  for i = 12, #ARGV do ids[#ids + 1] = ARGV[i] end
 end
 local n = 0
 for _, id in ipairs(ids) do
@@ -550,16 +630,16 @@ return n
 
 // deleteDeadScript removes dead letters for good.
 //
-//	KEYS standard   ARGV[9] "all" or "ids"   ARGV[10..] dead ids
+//	KEYS standard   ARGV[11] "all" or "ids"   ARGV[12..] dead ids
 //	returns the number of dead letters removed
 var deleteDeadScript = redis.NewScript(luaPrelude + `
-if ARGV[9] == 'all' then
+if ARGV[11] == 'all' then
   local n = redis.call('ZCARD', DEADIDX)
   redis.call('DEL', DEAD, DEADIDX)
   return n
 end
 local n = 0
-for i = 10, #ARGV do
+for i = 12, #ARGV do
   if redis.call('HDEL', DEAD, ARGV[i]) == 1 then
     redis.call('ZREM', DEADIDX, ARGV[i])
     n = n + 1
@@ -571,12 +651,13 @@ return n
 // deleteQueueScript removes a queue's keys. The lease id counter stays, so
 // lease ids are never reused and old ack tokens stay stale.
 //
-//	KEYS standard   ARGV[9] "force" or ""
+//	KEYS standard   ARGV[11] "force" or ""
 //	returns {"OK"} or {"INFLIGHT", messages in flight}
 var deleteQueueScript = redis.NewScript(luaPrelude + `
 local inflight = redis.call('HLEN', INFLIGHT)
-if inflight > 0 and ARGV[9] ~= 'force' then return {'INFLIGHT', inflight} end
-redis.call('DEL', READY, INFLIGHT, LEASES, DELAYED, SCHED, DEAD, DEADIDX, CONFIG, COUNTERS, PAUSED, DEDUP, DEDUPEXP)
+if inflight > 0 and ARGV[11] ~= 'force' then return {'INFLIGHT', inflight} end
+redis.call('DEL', READY, INFLIGHT, LEASES, DELAYED, SCHED, DEAD, DEADIDX, CONFIG, COUNTERS, PAUSED, DEDUP, DEDUPEXP,
+  TYPECOUNTS, RESULTS, RESULTEXP)
 return {'OK'}
 `)
 
