@@ -43,7 +43,7 @@ func (b *Broker) GetResult(ctx context.Context, queue, id string) (*Result, erro
 		until = p.ZScore(ctx, b.keys.ResultExpiry(queue), id)
 		return nil
 	})
-	if errors.Is(err, redis.Nil) || err == nil && rec.Err() == nil && until.Err() != nil {
+	if errors.Is(err, redis.Nil) { // no record, or no retention entry
 		return nil, ErrNoResult
 	}
 	if err != nil {
