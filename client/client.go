@@ -52,6 +52,17 @@
 // AdminService client to inspect and replay dead letters. ConsumeQueues
 // consumes several queues in priority order, and Stats describes a queue.
 //
+// # Tasks, workers and results
+//
+// A message may carry a task type (WithTaskType) and ask for its outcome to
+// be kept (WithKeepResult). Worker runs a Handler over a Consume stream,
+// in the spirit of net/http: ServeMux dispatches on the task type, a
+// handler's result is stored with the ack (Delivery.AckResult), its error
+// retries the task or, wrapping SkipRetry, dead-letters it; the Worker
+// extends leases while handlers run, reconnects when the stream breaks and
+// shuts down gracefully. GetResult (optionally waiting) and GetMessage tell
+// what became of a message; Call enqueues a task and waits for its result.
+//
 // # Errors
 //
 // Every error that comes from the server is the gRPC status error returned by
@@ -251,6 +262,11 @@ type Message struct {
 	// RetryPolicy overrides the queue's retry policy for this message, as
 	// WithRetryPolicy (zero: the queue's policy).
 	RetryPolicy RetryPolicy
+	// TaskType is the message's task type, as WithTaskType ("": none).
+	TaskType string
+	// KeepResult keeps the message's outcome for GetResult, as
+	// WithKeepResult.
+	KeepResult bool
 }
 
 func (m *Message) proto() *qbridgev1.BatchMessage {
@@ -263,6 +279,8 @@ func (m *Message) proto() *qbridgev1.BatchMessage {
 		DedupKey:    m.DedupKey,
 		Ttl:         durationOrNil(m.TTL),
 		RetryPolicy: m.RetryPolicy.proto(),
+		TaskType:    m.TaskType,
+		KeepResult:  m.KeepResult,
 	}
 }
 

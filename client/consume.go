@@ -174,6 +174,9 @@ type Delivery struct {
 	// this message that gave one (also kept when a dead letter is
 	// replayed), or "" when there was none.
 	LastError string
+	// TaskType is the task type given at enqueue time (see WithTaskType),
+	// or "" when none was.
+	TaskType string
 
 	client *Client
 }
@@ -189,6 +192,7 @@ func (c *Client) delivery(d *qbridgev1.Delivery) *Delivery {
 		AckToken:      d.GetAckToken(),
 		LeaseDeadline: timeOrZero(d.GetLeaseDeadline()),
 		LastError:     d.GetLastError(),
+		TaskType:      d.GetTaskType(),
 		client:        c,
 	}
 }

@@ -3,7 +3,10 @@ package client_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log"
+	"os"
+	"os/signal"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -88,3 +91,68 @@ func ExampleClient_Subscribe() {
 	}
 	log.Printf("%s (via %q): %s", m.Channel, m.Pattern, m.Payload)
 }
+
+// A task worker and a producer. The worker dispatches on the task type with
+// a ServeMux; the producer uses Call for a request/reply round trip and
+// Enqueue for fire-and-forget tasks. (Compiled, not run: it needs a qbridge
+// server.)
+func Example_tasks() {
+	c, err := client.Dial("localhost:7070")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+
+	// The worker side.
+	mux := client.NewServeMux()
+	mux.HandleFunc("thumbnail", func(ctx context.Context, t *client.Task) ([]byte, error) {
+		if len(t.Payload) == 0 {
+			// Retrying cannot help: dead-letter it at once.
+			return nil, fmt.Errorf("empty image: %w", client.SkipRetry)
+		}
+		return []byte("thumbnails/" + t.ID + ".png"), nil // the result, for GetResult and Call
+	})
+	mux.HandleFunc("email", func(ctx context.Context, t *client.Task) ([]byte, error) {
+		// An error retries the task after the queue's backoff.
+		return nil, sendEmail(ctx, t.Payload)
+	})
+	mux.Use(func(next client.Handler) client.Handler {
+		return client.HandlerFunc(func(ctx context.Context, t *client.Task) ([]byte, error) {
+			start := time.Now()
+			res, err := next.ProcessTask(ctx, t)
+			log.Printf("%s %s (attempt %d): %v in %v", t.Type, t.ID, t.Attempt, err, time.Since(start))
+			return res, err
+		})
+	})
+	w := client.NewWorker(c, []string{"jobs:high", "jobs"}, mux,
+		client.WithConcurrency(16), client.WithWorkerLease(time.Minute))
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+
+	// The producer side (usually another program).
+	go func() {
+		callCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		res, err := c.Call(callCtx, "jobs:high", "thumbnail", []byte("...image bytes..."))
+		var pending *client.PendingError
+		switch {
+		case errors.As(err, &pending):
+			log.Printf("no thumbnail yet; ask later with GetResult(%q, %q)", pending.Queue, pending.ID)
+		case err != nil:
+			log.Printf("thumbnail failed: %v", err) // a *client.TaskError, or the Enqueue's error
+		default:
+			log.Printf("thumbnail at %s", res.Payload)
+		}
+		if _, err := c.Enqueue(ctx, "jobs", []byte(`{"to":"a@example.com"}`), client.WithTaskType("email")); err != nil {
+			log.Print(err)
+		}
+	}()
+
+	// Until Ctrl-C; then running handlers may finish (WithShutdownTimeout).
+	if err := w.Run(ctx); err != nil {
+		log.Fatalf("worker: %v", err)
+	}
+}
+
+func sendEmail(context.Context, []byte) error { return nil }

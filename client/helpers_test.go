@@ -40,6 +40,9 @@ type testEnv struct {
 	gs    *grpc.Server
 	addr  string
 	c     *client.Client
+
+	log    *slog.Logger
+	served chan error // what the current gs.Serve returned
 }
 
 // newEnv starts the stack; everything is torn down at test cleanup.
@@ -48,19 +51,34 @@ func newEnv(t *testing.T, dialOpts ...client.Option) *testEnv {
 	t.Helper()
 	e := &testEnv{redis: redistest.Start(t)}
 	e.rdb = e.redis.Client(t, 0)
-
-	e.srv = server.New(broker.New(e.rdb),
-		server.WithLogger(testLogger(t)),
-		server.WithReapInterval(100*time.Millisecond),
-		server.WithWaitSlice(time.Second),
-	)
-	e.srv.Start()
+	e.log = testLogger(t)
 
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("listen: %v", err)
 	}
 	e.addr = lis.Addr().String()
+	e.serve(lis)
+
+	e.c, err = client.Dial(e.addr, dialOpts...)
+	if err != nil {
+		t.Fatalf("Dial(%s): %v", e.addr, err)
+	}
+	t.Cleanup(func() {
+		_ = e.c.Close() // may have been closed by the test already
+		e.stopServer(t)
+	})
+	return e
+}
+
+// serve starts a qbridge server and a gRPC server for it on lis.
+func (e *testEnv) serve(lis net.Listener) {
+	e.srv = server.New(broker.New(e.rdb),
+		server.WithLogger(e.log),
+		server.WithReapInterval(100*time.Millisecond),
+		server.WithWaitSlice(time.Second),
+	)
+	e.srv.Start()
 	// Accept the client's keepalive pings (every 20s, also without streams).
 	e.gs = grpc.NewServer(grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
 		MinTime:             10 * time.Second,
@@ -69,21 +87,36 @@ func newEnv(t *testing.T, dialOpts ...client.Option) *testEnv {
 	qbridgev1.RegisterQueueServiceServer(e.gs, e.srv)
 	qbridgev1.RegisterAdminServiceServer(e.gs, e.srv.Admin())
 	served := make(chan error, 1)
-	go func() { served <- e.gs.Serve(lis) }()
+	e.served = served
+	gs := e.gs
+	go func() { served <- gs.Serve(lis) }()
+}
 
-	e.c, err = client.Dial(e.addr, dialOpts...)
-	if err != nil {
-		t.Fatalf("Dial(%s): %v", e.addr, err)
+// stopServer stops the gRPC server at once (every stream ends) and then
+// the qbridge server.
+func (e *testEnv) stopServer(t *testing.T) {
+	e.gs.Stop()
+	if err := <-e.served; err != nil {
+		t.Errorf("grpc Serve: %v", err)
 	}
-	t.Cleanup(func() {
-		_ = e.c.Close() // may have been closed by the test already
-		e.gs.Stop()
-		if err := <-served; err != nil {
-			t.Errorf("grpc Serve: %v", err)
-		}
-		e.srv.Close()
+	e.served <- nil // a later stopServer of the same server does not block
+	e.srv.Close()
+}
+
+// restartServer stops the servers as a crash-free restart of qbridged
+// would (streams end, the unacked deliveries they held go back to their
+// queues) and starts new ones on the same address, over the same Redis.
+// Clients reconnect by themselves.
+func (e *testEnv) restartServer(t *testing.T) {
+	t.Helper()
+	e.stopServer(t)
+	var lis net.Listener
+	eventually(t, func() (bool, string) {
+		var err error
+		lis, err = net.Listen("tcp", e.addr)
+		return err == nil, fmt.Sprintf("listen on %s again: %v", e.addr, err)
 	})
-	return e
+	e.serve(lis)
 }
 
 // testLogger sends the server's log to t.Log until the test is over (the

@@ -198,7 +198,7 @@ func (s *Server) GetMessage(ctx context.Context, req *qbridgev1.GetMessageReques
 		resp.State = qbridgev1.MessageState_MESSAGE_STATE_DEAD
 	default:
 		r := loc.Result
-		resp.Deliveries, resp.LastError = r.Attempts, r.Error
+		resp.Deliveries, resp.LastError, resp.TaskType = r.Attempts, r.Error, r.TaskType
 		switch r.State {
 		case broker.Succeeded:
 			resp.State = qbridgev1.MessageState_MESSAGE_STATE_SUCCEEDED

@@ -28,6 +28,7 @@ type Result struct {
 	Finished time.Time
 	Attempts uint32
 	Error    string
+	TaskType string
 	Payload  []byte
 }
 
@@ -68,7 +69,13 @@ func decodeResult(id string, b []byte) (*Result, error) {
 		return nil, fmt.Errorf("result of %q: error text exceeds record", id)
 	}
 	r.Error = string(b[17 : 17+n])
-	r.Payload = b[17+n:]
+	b = b[17+n:]
+	if len(b) < 2 || len(b) < 2+int(binary.BigEndian.Uint16(b)) {
+		return nil, fmt.Errorf("result of %q: task type exceeds record", id)
+	}
+	t := int(binary.BigEndian.Uint16(b))
+	r.TaskType = string(b[2 : 2+t])
+	r.Payload = b[2+t:]
 	return r, nil
 }
 

@@ -206,10 +206,10 @@ end
 -- record keeps the outcome of e for GetResult, for the result retention,
 -- and announces it. state is 'S' (succeeded), 'F' (failed) or 'D' (dead).
 -- Record: state, finish ms (8), attempts (4), error length (4), error,
--- result payload.
+-- task type length (2), task type, result payload.
 local function record(e, state, result, err, now)
-  local id = idof(e)
-  redis.call('HSET', RESULTS, id, state .. be64(now) .. be32(deliveries(e)) .. be32(#err) .. err .. result)
+  local id, t = idof(e), tasktype(e)
+  redis.call('HSET', RESULTS, id, state .. be64(now) .. be32(deliveries(e)) .. be32(#err) .. err .. be16(#t) .. t .. result)
   redis.call('ZADD', RESULTEXP, now + tonumber(ARGV[9]), id)
   local old = redis.call('ZRANGEBYSCORE', RESULTEXP, '-inf', now, 'LIMIT', 0, 100)
   if #old > 0 then
