@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -324,4 +325,37 @@ func startDaemon(t *testing.T, root string, args ...string) string {
 		t.Fatal("qbridged did not log its grpc= address")
 	}
 	return ""
+}
+
+var goBlockRE = regexp.MustCompile("(?s)<!-- readme-go: compiles -->\n```go\n(.*?)\n```")
+
+// TestReadmeGoCompiles builds every Go program in README.md marked
+// readme-go against this checkout's client package.
+func TestReadmeGoCompiles(t *testing.T) {
+	root := repoRoot(t)
+	data, err := os.ReadFile(filepath.Join(root, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks := goBlockRE.FindAllSubmatch(data, -1)
+	if len(blocks) == 0 {
+		t.Fatal("no readme-go block found; the marker is broken")
+	}
+	for i, b := range blocks {
+		out := t.TempDir()
+		// Build it as a package of this module, so it uses this checkout.
+		pkg := filepath.Join(root, "internal", "readmetest", "testdata", "prog"+strconv.Itoa(i))
+		if err := os.MkdirAll(pkg, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = os.RemoveAll(filepath.Join(root, "internal", "readmetest", "testdata")) })
+		if err := os.WriteFile(filepath.Join(pkg, "main.go"), b[1], 0o644); err != nil {
+			t.Fatal(err)
+		}
+		build := exec.Command("go", "build", "-o", filepath.Join(out, "bin"), "./internal/readmetest/testdata/prog"+strconv.Itoa(i))
+		build.Dir = root
+		if msg, err := build.CombinedOutput(); err != nil {
+			t.Fatalf("README Go block %d does not build: %v\n%s", i, err, msg)
+		}
+	}
 }
