@@ -366,3 +366,41 @@ func TestOverwrittenQueueKeyLosesNothing(t *testing.T) {
 		return plain.HLen(ctx, "{clobber}:qb:scheduled").Val() == 0
 	})
 }
+
+// A stream joining a channel that is already subscribed on the shared
+// connection must not get a message published before it joined, even when
+// that message is still on its way through the hub.
+func TestLateJoinerSeesNothingPublishedBefore(t *testing.T) {
+	rs := redistest.Start(t)
+	in := startInstance(t, rs, instanceConfig{})
+	ctx := ctxT(t, 60*time.Second)
+	subscribe(t, in.client, &qbridgev1.SubscribeRequest{Channels: []string{"ch"}}) // keeps "ch" subscribed
+	rounds := 200
+	if testing.Short() {
+		rounds = 50
+	}
+	for i := 0; i < rounds; i++ {
+		if _, err := in.client.Publish(ctx, &qbridgev1.PublishRequest{Channel: "ch", Payload: []byte("before-" + itoa(i))}); err != nil {
+			t.Fatal(err)
+		}
+		sctx, cancel := context.WithCancel(ctx)
+		st, err := in.client.Subscribe(sctx, &qbridgev1.SubscribeRequest{Channels: []string{"ch"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if first, err := st.Recv(); err != nil || first.GetSubscribed() == nil {
+			t.Fatalf("round %d: no confirmation: %v %v", i, first, err)
+		}
+		if _, err := in.client.Publish(ctx, &qbridgev1.PublishRequest{Channel: "ch", Payload: []byte("after-" + itoa(i))}); err != nil {
+			t.Fatal(err)
+		}
+		m, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := string(m.GetMessage().GetPayload()); got != "after-"+itoa(i) {
+			t.Fatalf("round %d: the late joiner's first message is %q, published before it subscribed", i, got)
+		}
+		cancel()
+	}
+}

@@ -17,13 +17,22 @@ import (
 // Pub/sub design
 //
 // All Subscribe streams of an instance share one Redis pub/sub connection.
-// The hub keeps a reference count per channel and per pattern: the first
-// stream that wants one sends SUBSCRIBE/PSUBSCRIBE, the last one to leave
-// sends UNSUBSCRIBE/PUNSUBSCRIBE. Redis answers each SUBSCRIBE with a
-// confirmation, in order; a stream is told it is subscribed once every
-// SUBSCRIBE sent for its channels has been confirmed, so nothing published
-// after that can miss it. Each stream has a bounded buffer; the hub never
-// waits for a slow stream, it cuts it off.
+// The hub keeps a reference count per channel and per pattern; the last
+// stream to leave one sends UNSUBSCRIBE/PUNSUBSCRIBE.
+//
+// Every stream that joins sends its own SUBSCRIBE/PSUBSCRIBE for all its
+// names, even those already subscribed: Redis confirms each again, in order
+// with the messages on the connection. Confirmations are matched to the
+// joining streams first in, first out, per name. A stream becomes ready
+// when all of its confirmations have arrived, and only then receives
+// messages: whatever arrives before was published before its subscription
+// took effect, whatever arrives after was published after. So "everything
+// published after the confirmation arrives, nothing published before it
+// does" holds exactly, even when a message to an already-subscribed
+// channel is still on its way when a stream joins.
+//
+// Each stream has a bounded buffer; the hub never waits for a slow stream,
+// it cuts it off.
 
 // subscriber is one Subscribe stream.
 type subscriber struct {
@@ -43,22 +52,23 @@ type subscriber struct {
 
 // subRef is one channel or pattern subscribed on the shared connection.
 type subRef struct {
-	members   map[*subscriber]struct{}
-	confirmed bool
+	members map[*subscriber]struct{}
 }
 
 type hub struct {
 	s *Server
 
-	mu      sync.Mutex
-	ps      *redis.PubSub
-	chans   map[string]*subRef
-	pats    map[string]*subRef
-	pending map[string]int // "c:"+name or "p:"+name -> SUBSCRIBEs sent, not yet confirmed
+	mu    sync.Mutex
+	ps    *redis.PubSub
+	chans map[string]*subRef
+	pats  map[string]*subRef
+	// pending holds, per "c:"+name or "p:"+name, the streams whose
+	// SUBSCRIBE for that name is not yet confirmed, in the order sent.
+	pending map[string][]*subscriber
 }
 
 func newHub(s *Server) *hub {
-	return &hub{s: s, chans: map[string]*subRef{}, pats: map[string]*subRef{}, pending: map[string]int{}}
+	return &hub{s: s, chans: map[string]*subRef{}, pats: map[string]*subRef{}, pending: map[string][]*subscriber{}}
 }
 
 // open creates the shared connection and subscribes the instance's control
@@ -101,35 +111,30 @@ func (h *hub) run(ctx context.Context) {
 
 func (h *hub) confirmed(m *redis.Subscription) {
 	var key string
-	var refs map[string]*subRef
 	switch m.Kind {
 	case "subscribe":
-		key, refs = "c:"+m.Channel, h.chans
+		key = "c:" + m.Channel
 	case "psubscribe":
-		key, refs = "p:"+m.Channel, h.pats
+		key = "p:" + m.Channel
 	default:
 		return
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.pending[key] > 0 {
-		h.pending[key]--
+	q := h.pending[key]
+	if len(q) == 0 {
+		return // a resubscription after a reconnect, or our own channels
 	}
-	if h.pending[key] > 0 {
-		return // a later SUBSCRIBE for the same name is still on its way
+	sub := q[0]
+	if len(q) == 1 {
+		delete(h.pending, key)
+	} else {
+		h.pending[key] = q[1:]
 	}
-	delete(h.pending, key)
-	r := refs[m.Channel]
-	if r == nil || r.confirmed {
-		return
-	}
-	r.confirmed = true
-	for sub := range r.members {
-		sub.waiting--
-		if sub.waiting == 0 && !sub.readyClosed {
-			sub.readyClosed = true
-			close(sub.ready)
-		}
+	sub.waiting--
+	if sub.waiting == 0 && !sub.readyClosed {
+		sub.readyClosed = true
+		close(sub.ready)
 	}
 }
 
@@ -162,8 +167,8 @@ func (h *hub) fanOut(m *redis.Message) {
 		return
 	}
 	for sub := range r.members {
-		if sub.overflowed {
-			continue
+		if sub.overflowed || !sub.readyClosed {
+			continue // not subscribed yet: this was published before
 		}
 		if sub.bytes+len(msg.Payload) > h.s.opts.subscriberBytes && len(sub.msgs) > 0 {
 			sub.overflowed = true
@@ -180,33 +185,22 @@ func (h *hub) fanOut(m *redis.Message) {
 	}
 }
 
-// add registers sub and sends the SUBSCRIBEs it needs.
+// add registers sub and sends its SUBSCRIBE and PSUBSCRIBE.
 func (h *hub) add(ctx context.Context, sub *subscriber) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.ps == nil {
 		return fmt.Errorf("pub/sub connection not started")
 	}
-	var newChans, newPats []string
 	join := func(name, kind string, refs map[string]*subRef) {
 		r := refs[name]
 		if r == nil {
 			r = &subRef{members: map[*subscriber]struct{}{}}
 			refs[name] = r
-			h.pending[kind+name]++
-			if kind == "c:" {
-				newChans = append(newChans, name)
-			} else {
-				newPats = append(newPats, name)
-			}
-		}
-		if _, dup := r.members[sub]; dup {
-			return
 		}
 		r.members[sub] = struct{}{}
-		if !r.confirmed {
-			sub.waiting++
-		}
+		h.pending[kind+name] = append(h.pending[kind+name], sub)
+		sub.waiting++
 	}
 	for _, c := range sub.channels {
 		join(c, "c:", h.chans)
@@ -214,29 +208,30 @@ func (h *hub) add(ctx context.Context, sub *subscriber) error {
 	for _, p := range sub.patterns {
 		join(p, "p:", h.pats)
 	}
-	if sub.waiting == 0 {
-		sub.readyClosed = true
-		close(sub.ready)
-	}
-	// If sending fails, no confirmation will come for what was not sent.
+	// If sending fails, no confirmation comes for what was not sent: take
+	// this stream's entries (the last ones) back off the pending queues.
 	rollback := func(kind string, names []string) {
 		for _, n := range names {
-			if h.pending[kind+n]--; h.pending[kind+n] <= 0 {
-				delete(h.pending, kind+n)
+			if q := h.pending[kind+n]; len(q) > 0 && q[len(q)-1] == sub {
+				if len(q) == 1 {
+					delete(h.pending, kind+n)
+				} else {
+					h.pending[kind+n] = q[:len(q)-1]
+				}
 			}
 		}
 	}
-	if len(newChans) > 0 {
-		if err := h.ps.Subscribe(ctx, newChans...); err != nil {
-			rollback("c:", newChans)
-			rollback("p:", newPats)
+	if len(sub.channels) > 0 {
+		if err := h.ps.Subscribe(ctx, sub.channels...); err != nil {
+			rollback("c:", sub.channels)
+			rollback("p:", sub.patterns)
 			h.removeLocked(sub)
 			return fmt.Errorf("subscribe: %w", err)
 		}
 	}
-	if len(newPats) > 0 {
-		if err := h.ps.PSubscribe(ctx, newPats...); err != nil {
-			rollback("p:", newPats)
+	if len(sub.patterns) > 0 {
+		if err := h.ps.PSubscribe(ctx, sub.patterns...); err != nil {
+			rollback("p:", sub.patterns)
 			h.removeLocked(sub)
 			return fmt.Errorf("psubscribe: %w", err)
 		}
