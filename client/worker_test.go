@@ -1062,11 +1062,20 @@ func TestWorkerDoesNotReconnectWhileStopping(t *testing.T) {
 	if err, _ := within(t, "Run to return", func() (error, error) { return <-stopped, nil }); err != nil {
 		t.Fatalf("Run = %v; want nil", err)
 	}
-	// The first task went back with its stream (its ack came too late);
-	// the others were never delivered.
-	waitStats(t, ctx, e.c, q, 3, 0)
+	// The first task either went back with its stream (its ack came after
+	// the old server requeued it) or was acked (the ack, through the new
+	// server, reached Redis before the old server's requeue): both are
+	// right, it is a race between the two servers. Either way it is in
+	// exactly one place, and the others were never delivered.
+	eventually(t, func() (bool, string) {
+		ready, inFlight, err := e.c.QueueStats(ctx, q)
+		return err == nil && inFlight == 0 && (ready == 3 || ready == 2), fmt.Sprintf("ready %d, in flight %d, %v", ready, inFlight, err)
+	})
 	for i, id := range ids {
 		info, err := e.c.GetMessage(ctx, q, id)
+		if i == 0 && status.Code(err) == codes.NotFound {
+			continue // acked (without a kept result): gone
+		}
 		if err != nil {
 			t.Fatalf("GetMessage(%s): %v", id, err)
 		}
