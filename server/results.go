@@ -90,14 +90,8 @@ func resultResponse(r *broker.Result) *qbridgev1.GetResultResponse {
 // GetResult implements QueueService.GetResult.
 func (s *Server) GetResult(ctx context.Context, req *qbridgev1.GetResultRequest) (*qbridgev1.GetResultResponse, error) {
 	q, id := req.GetQueue(), req.GetId()
-	if err := ValidateName("queue", q); err != nil {
-		return nil, toStatus(invalidError{err})
-	}
-	if id == "" {
-		return nil, toStatus(invalidf("id is empty; give the id Enqueue returned"))
-	}
-	if err := validateID(id); err != nil {
-		return nil, toStatus(invalidError{err})
+	if err := validateQueueAndID(q, id); err != nil {
+		return nil, toStatus(err)
 	}
 	wait, err := durationIn("wait", req.GetWait(), 0, maxResultWait)
 	if err != nil {
@@ -164,17 +158,25 @@ func waitEnded(ctx context.Context, notYet error) error {
 	return notYet
 }
 
+// validateQueueAndID checks the queue and message id a lookup names.
+func validateQueueAndID(queue, id string) error {
+	if err := ValidateName("queue", queue); err != nil {
+		return invalidError{err}
+	}
+	if id == "" {
+		return invalidf("id is empty; give the id Enqueue returned")
+	}
+	if err := validateID(id); err != nil {
+		return invalidError{err}
+	}
+	return nil
+}
+
 // GetMessage implements QueueService.GetMessage.
 func (s *Server) GetMessage(ctx context.Context, req *qbridgev1.GetMessageRequest) (*qbridgev1.GetMessageResponse, error) {
 	q, id := req.GetQueue(), req.GetId()
-	if err := ValidateName("queue", q); err != nil {
-		return nil, toStatus(invalidError{err})
-	}
-	if id == "" {
-		return nil, toStatus(invalidf("id is empty"))
-	}
-	if err := validateID(id); err != nil {
-		return nil, toStatus(invalidError{err})
+	if err := validateQueueAndID(q, id); err != nil {
+		return nil, toStatus(err)
 	}
 	loc, err := s.b.FindMessage(ctx, q, id)
 	if errors.Is(err, broker.ErrNoResult) {
