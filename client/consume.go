@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"math"
 	"sync"
 	"time"
 
@@ -34,6 +35,17 @@ func WithMaxInFlight(n int) ConsumeOption {
 // default.
 func WithLease(d time.Duration) ConsumeOption {
 	return func(r *qbridgev1.ConsumeRequest) { r.LeaseDuration = durationOrNil(d) }
+}
+
+// WithMaxMessages makes the stream take at most n messages in all (0: no
+// limit); it stays open for their acks. Use it to take exactly n: without
+// it, each ack frees credit and the server hands out the next message.
+func WithMaxMessages(n int) ConsumeOption {
+	return func(r *qbridgev1.ConsumeRequest) {
+		if n > 0 && n <= math.MaxUint32 {
+			r.MaxMessages = uint32(n)
+		}
+	}
 }
 
 // WithAutoAck makes the server remove messages when it takes them

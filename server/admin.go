@@ -157,7 +157,7 @@ func queuedMessage(p broker.Peeked, state qbridgev1.MessageState) *qbridgev1.Que
 	m := p.Message
 	q := &qbridgev1.QueuedMessage{
 		Id: m.ID, Payload: m.Payload, Headers: m.Headers, Deliveries: m.Deliveries, State: state,
-		LastError: m.LastError, DeadReason: m.DeadReason,
+		LastError: m.LastError, DeadReason: m.DeadReason, TaskType: m.TaskType,
 	}
 	if m.EnqueuedAt > 0 {
 		q.EnqueueTime = ts(time.UnixMilli(m.EnqueuedAt))

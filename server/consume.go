@@ -66,6 +66,9 @@ type consumer struct {
 	held   map[leaseKey]time.Time // deadline of leases taken for this stream and not settled
 	unsent int                    // auto-ack: popped, not yet sent
 	closed bool
+	// left is how many more messages the stream may take in all
+	// (ConsumeRequest.max_messages); -1: no limit.
+	left int
 }
 
 // credit is how many more messages the stream may take.
@@ -75,7 +78,11 @@ func (c *consumer) credit() int {
 	if c.closed {
 		return 0
 	}
-	return c.window - len(c.held) - c.unsent
+	n := c.window - len(c.held) - c.unsent
+	if c.left >= 0 && c.left < n {
+		n = c.left
+	}
+	return n
 }
 
 func (c *consumer) holding() int {
@@ -91,6 +98,9 @@ func (c *consumer) give(ls []broker.Lease) bool {
 	defer c.mu.Unlock()
 	if c.closed {
 		return false
+	}
+	if c.left >= 0 {
+		c.left -= len(ls)
 	}
 	if c.autoAck {
 		c.unsent += len(ls)
@@ -146,12 +156,25 @@ func (c *consumer) expire(now time.Time) (next time.Time, n int) {
 	return next, n
 }
 
-// close marks the stream ended and returns what it must give back: lease ids
-// per queue in delivery order, and unsent auto-ack pops.
+// close marks the stream ended and returns what it must give back: the
+// lease ids it sent, per queue in delivery order, and what it took but
+// never sent (leases and auto-ack pops alike).
 func (c *consumer) close() (held map[string][]string, unsent []broker.Lease) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.closed = true
+	for {
+		select {
+		case ls := <-c.inbox:
+			unsent = append(unsent, ls...)
+			for _, l := range ls {
+				delete(c.held, leaseKey{l.Queue, l.LeaseID})
+			}
+			continue
+		default:
+		}
+		break
+	}
 	held = map[string][]string{}
 	for k := range c.held {
 		held[k.queue] = append(held[k.queue], k.id)
@@ -160,16 +183,7 @@ func (c *consumer) close() (held map[string][]string, unsent []broker.Lease) {
 		sortLeaseIDs(ids)
 	}
 	c.held = nil
-	for {
-		select {
-		case ls := <-c.inbox:
-			if c.autoAck {
-				unsent = append(unsent, ls...)
-			}
-		default:
-			return held, unsent
-		}
-	}
+	return held, unsent
 }
 
 // drainInbox takes back batches not yet sent, for a stream that stays open
@@ -474,7 +488,8 @@ func (s *Server) giveBack(c *consumer, ls []broker.Lease) {
 		for i, l := range qls {
 			ids[i] = l.LeaseID
 		}
-		if _, err := s.b.Requeue(ctx, q, ids); err != nil {
+		// Never sent: not an attempt. Back to the head, uncharged.
+		if _, _, err := s.b.Nack(ctx, q, ids, broker.NackReturn, -1, ""); err != nil {
 			s.log.Warn("cannot requeue; the lease reaper will", "queue", q, "count", len(ids), "err", err)
 		}
 	}
@@ -497,7 +512,12 @@ func (s *Server) Consume(req *qbridgev1.ConsumeRequest, stream qbridgev1.QueueSe
 	if err != nil {
 		return toStatus(invalidError{err})
 	}
+	left := -1
+	if req.GetMaxMessages() > 0 {
+		left = int(req.GetMaxMessages())
+	}
 	c := &consumer{
+		left:    left,
 		id:      s.nextID.Add(1),
 		queues:  queues,
 		window:  window,

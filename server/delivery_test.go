@@ -433,3 +433,35 @@ func TestAckOnOtherInstanceFreesCredit(t *testing.T) {
 		t.Fatalf("after a nack through b: %v", again)
 	}
 }
+
+// max_messages caps what a stream takes in all: it can take exactly N,
+// and nothing more is charged an attempt when it closes.
+func TestConsumeMaxMessages(t *testing.T) {
+	rs := redistest.Start(t)
+	in := startInstance(t, rs, instanceConfig{})
+	ids := enqueueN(t, in.client, "exact", 3)
+	s := consume(t, in.client, &qbridgev1.ConsumeRequest{Queue: "exact", MaxMessages: 1})
+	d := s.next(t, 5*time.Second)
+	if d.GetId() != ids[0] {
+		t.Fatalf("got %s, want %s", d.GetId(), ids[0])
+	}
+	if err := ack(t, in.client, d); err != nil {
+		t.Fatal(err)
+	}
+	// The ack freed credit, but the stream has had its one message.
+	if r, f := stats(t, in.client, "exact"); r != 2 || f != 0 {
+		t.Fatalf("after the ack: %d ready, %d in flight; want 2, 0", r, f)
+	}
+	s.none(t)
+	s.cancel()
+	s.err(t, 5*time.Second)
+	p, err := in.admin.PeekMessages(ctxT(t, 5*time.Second), &qbridgev1.PeekMessagesRequest{Queue: "exact", State: qbridgev1.MessageState_MESSAGE_STATE_READY})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range p.GetMessages() {
+		if m.GetDeliveries() != 0 {
+			t.Fatalf("message %s was charged %d deliveries without being delivered", m.GetId(), m.GetDeliveries())
+		}
+	}
+}

@@ -369,6 +369,7 @@ const (
 	NackRetry      NackAction = "retry"   // after the policy's backoff, or the given delay
 	NackDeadLetter NackAction = "dead"    // to the dead letters
 	NackStreamEnd  NackAction = "end"     // a stream ended: requeue, not counted as a nack
+	NackReturn     NackAction = "return"  // taken but never sent: requeue, the delivery uncounted
 )
 
 // Nack gives leased messages back (oldest delivery first, so order is

@@ -475,8 +475,9 @@ return out
 
 // nackScript gives leased messages back: "requeue" (head of the ready list,
 // or after ARGV[12] ms), "retry" (after the backoff, or ARGV[12] ms), "dead"
-// (to the dead letters), or "end" (a stream ended: like requeue, not counted
-// as a nack). Whatever is to be delivered again but used up its attempts is
+// (to the dead letters), "end" (a stream ended: like requeue, not counted
+// as a nack), or "return" (taken for a stream that never sent it: back to
+// the head with its delivery count restored, so it costs no attempt). Whatever is to be delivered again but used up its attempts is
 // dead-lettered. Entries no longer in flight are skipped, so a stale lease
 // id never touches a newer delivery.
 //
@@ -501,8 +502,10 @@ for i = 14, #ARGV do
     redis.call('ZREM', LEASES, lid)
     n = n + 1
     if errtext ~= '' then e = setmeta(e, 2, errtext) end
-    if action ~= 'end' then typecount(e, 'nacked', 1) end
-    if action == 'dead' then
+    if action ~= 'end' and action ~= 'return' then typecount(e, 'nacked', 1) end
+    if action == 'return' then
+      heads[#heads + 1] = setdeliveries(e, math.max(deliveries(e) - 1, 0))
+    elseif action == 'dead' then
       deadletter(e, 'nacked as dead letter', now)
     elseif again(e, delay, now) then
       heads[#heads + 1] = e
@@ -511,7 +514,7 @@ for i = 14, #ARGV do
   end
 end
 pushheads(heads)
-if action ~= 'end' then count('nacked', n) end
+if action ~= 'end' and action ~= 'return' then count('nacked', n) end
 out[1] = mindue
 return out
 `)

@@ -757,13 +757,19 @@ type ConsumeRequest struct {
 	LeaseDuration *durationpb.Duration `protobuf:"bytes,3,opt,name=lease_duration,json=leaseDuration,proto3" json:"lease_duration,omitempty"`
 	// Auto-ack: deliveries are removed from Redis when they are taken, like a
 	// plain BLPOP (at-most-once; a crash can lose them). They carry no ack
-	// token and need no Ack. max_in_flight then bounds what is taken ahead of
-	// the client.
+	// token and need no Ack. max_in_flight then bounds what the server has
+	// taken and not yet handed to gRPC; gRPC's flow-control windows can hold
+	// more on their way to a slow reader, and those are lost if it goes away.
 	AutoAck bool `protobuf:"varint,4,opt,name=auto_ack,json=autoAck,proto3" json:"auto_ack,omitempty"`
 	// Several queues in strict priority order, highest first: a delivery
 	// always comes from the first non-empty queue. Use instead of `queue`
 	// (at most 16).
-	Queues        []string `protobuf:"bytes,5,rep,name=queues,proto3" json:"queues,omitempty"`
+	Queues []string `protobuf:"bytes,5,rep,name=queues,proto3" json:"queues,omitempty"`
+	// Deliver at most this many messages on this stream, then take no more
+	// (the stream stays open for the acks; close it when done). 0: no limit.
+	// Lets a client take exactly N messages: without it, each ack frees
+	// credit and the server takes the next message at once.
+	MaxMessages   uint32 `protobuf:"varint,6,opt,name=max_messages,json=maxMessages,proto3" json:"max_messages,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -831,6 +837,13 @@ func (x *ConsumeRequest) GetQueues() []string {
 		return x.Queues
 	}
 	return nil
+}
+
+func (x *ConsumeRequest) GetMaxMessages() uint32 {
+	if x != nil {
+		return x.MaxMessages
+	}
+	return 0
 }
 
 // ConsumeResponse carries one or more deliveries.
@@ -2330,13 +2343,14 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"F\n" +
 	"\x14EnqueueBatchResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x1c\n" +
-	"\tduplicate\x18\x02 \x03(\bR\tduplicate\"\xbf\x01\n" +
+	"\tduplicate\x18\x02 \x03(\bR\tduplicate\"\xe2\x01\n" +
 	"\x0eConsumeRequest\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\"\n" +
 	"\rmax_in_flight\x18\x02 \x01(\rR\vmaxInFlight\x12@\n" +
 	"\x0elease_duration\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\rleaseDuration\x12\x19\n" +
 	"\bauto_ack\x18\x04 \x01(\bR\aautoAck\x12\x16\n" +
-	"\x06queues\x18\x05 \x03(\tR\x06queues\"G\n" +
+	"\x06queues\x18\x05 \x03(\tR\x06queues\x12!\n" +
+	"\fmax_messages\x18\x06 \x01(\rR\vmaxMessages\"G\n" +
 	"\x0fConsumeResponse\x124\n" +
 	"\n" +
 	"deliveries\x18\x01 \x03(\v2\x14.qbridge.v1.DeliveryR\n" +
