@@ -116,6 +116,23 @@ func TestReadmeExamples(t *testing.T) {
 	runExamples(t, root, addr, grpcurl, redisCli, port)
 }
 
+// qbridgeBin is the qbridge CLI built for the README examples.
+var qbridgeBin string
+
+func buildCLI(t *testing.T, root string) string {
+	t.Helper()
+	if qbridgeBin != "" {
+		return qbridgeBin
+	}
+	bin := filepath.Join(t.TempDir(), "qbridge")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/qbridge")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/qbridge: %v\n%s", err, out)
+	}
+	return bin
+}
+
 // TestReadmeExamplesEmbedded runs them against what `make run` starts: the
 // embedded engine (the redis-cli examples need a real Redis and are left
 // out).
@@ -150,6 +167,7 @@ func runExamples(t *testing.T, root, addr, grpcurl, redisCli, port string) {
 		}
 		examples = kept
 	}
+	cli := buildCLI(t, root)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var backgrounds []*output
@@ -164,7 +182,7 @@ func runExamples(t *testing.T, root, addr, grpcurl, redisCli, port string) {
 		return ""
 	}
 	for _, ex := range examples {
-		cmdText := rewrite(ex.command, addr, grpcurl, redisCli, port)
+		cmdText := rewrite(ex.command, addr, grpcurl, redisCli, port, cli)
 		if ex.newTok {
 			deadline := time.Now().Add(10 * time.Second)
 			for {
@@ -240,7 +258,7 @@ func runExamples(t *testing.T, root, addr, grpcurl, redisCli, port string) {
 	}
 }
 
-func rewrite(cmd, addr, grpcurl, redisCli, port string) string {
+func rewrite(cmd, addr, grpcurl, redisCli, port, cli string) string {
 	var kept []string
 	for _, l := range strings.Split(cmd, "\n") {
 		if strings.HasPrefix(strings.TrimSpace(l), "ACK_TOKEN=") {
@@ -252,6 +270,7 @@ func rewrite(cmd, addr, grpcurl, redisCli, port string) string {
 	s = strings.ReplaceAll(s, "localhost:7070", addr)
 	s = regexp.MustCompile(`(^|\n|\s)grpcurl `).ReplaceAllString(s, "${1}"+grpcurl+" ")
 	s = regexp.MustCompile(`(^|\n|\s)redis-cli `).ReplaceAllString(s, "${1}"+redisCli+" -h 127.0.0.1 -p "+port+" ")
+	s = regexp.MustCompile(`(^|\n|\s)qbridge `).ReplaceAllString(s, "${1}"+cli+" --addr "+addr+" ")
 	return s
 }
 
