@@ -11,7 +11,7 @@ GRPCURL_VERSION            := v1.9.4
 GO_TEST_FLAGS ?=
 QBRIDGE_ARGS  ?=
 
-.PHONY: all run build test test-short generate lint checkgenerate tools clean
+.PHONY: all run build test test-short bench bench-short generate lint checkgenerate tools clean
 
 all: build
 
@@ -28,6 +28,14 @@ test: $(BIN)/grpcurl
 
 test-short:
 	go test -race -count=1 -short ./...
+
+## bench: qbridge vs direct go-redis on a private redis-server (table on stdout, JSON in bench-results.json)
+bench:
+	go run ./cmd/qbench -json bench-results.json $(QBENCH_ARGS)
+
+## bench-short: a quick pass of the same scenarios
+bench-short:
+	go run ./cmd/qbench -short $(QBENCH_ARGS)
 
 ## generate: regenerate gen/ from proto/
 generate: $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc
