@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -923,11 +922,10 @@ func (s *Server) ExtendLease(ctx context.Context, req *qbridgev1.ExtendLeaseRequ
 	}
 	var deadline time.Time
 	_, err = s.applyTokens(ctx, "extended", false, req.GetAckTokens(), func(ctx context.Context, q string, ts []ackToken) ([]bool, error) {
-		ids := leaseIDs(ts)
-		d, ok, err := s.b.Extend(ctx, q, ids, lease)
+		d, ok, err := s.b.Extend(ctx, q, leaseIDs(ts), lease)
 		if err == nil {
 			deadline = d
-			s.extendLocal(q, ids, ok, d)
+			s.extendLocal(ts, ok, d)
 		}
 		return ok, err
 	})
@@ -937,23 +935,18 @@ func (s *Server) ExtendLease(ctx context.Context, req *qbridgev1.ExtendLeaseRequ
 	return &qbridgev1.ExtendLeaseResponse{LeaseDeadline: ts(deadline)}, nil
 }
 
-// extendLocal moves the local deadlines of extended leases, so that the
-// stream does not count them as expired.
-func (s *Server) extendLocal(queue string, ids []string, ok []bool, deadline time.Time) {
+// extendLocal moves the local deadlines of this instance's streams for the
+// leases that were extended, so that they do not count them as expired.
+// The tokens name the stream that holds each lease.
+func (s *Server) extendLocal(ts []ackToken, ok []bool, deadline time.Time) {
 	s.mu.Lock()
-	cs := make([]*consumer, 0, len(s.consumers))
-	for _, c := range s.consumers {
-		if slices.Contains(c.queues, queue) {
-			cs = append(cs, c)
-		}
-	}
-	s.mu.Unlock()
-	for i, id := range ids {
-		if !ok[i] {
+	defer s.mu.Unlock()
+	for i, t := range ts {
+		if i >= len(ok) || !ok[i] || t.Instance != s.instance {
 			continue
 		}
-		for _, c := range cs {
-			c.extend(queue, id, deadline)
+		if c := s.consumers[t.Consumer]; c != nil {
+			c.extend(t.Queue, t.LeaseID, deadline)
 		}
 	}
 }

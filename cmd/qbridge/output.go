@@ -204,17 +204,6 @@ func yesNo(b bool) string {
 	return "no"
 }
 
-func headersText(h map[string]string) string {
-	if len(h) == 0 {
-		return ""
-	}
-	var parts []string
-	for _, k := range slices.Sorted(maps.Keys(h)) {
-		parts = append(parts, k+"="+h[k])
-	}
-	return strings.Join(parts, " ")
-}
-
 // --- enqueue ---
 
 type jsonEnqueued struct {

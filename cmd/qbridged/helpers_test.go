@@ -65,21 +65,6 @@ func poll(timeout time.Duration, cond func() bool) bool {
 
 var grpcAddrRE = regexp.MustCompile(`grpc=(\S+)`)
 
-// waitAddr waits for the "qbridge listening" line in logs and returns the
-// address it names.
-func waitAddr(t *testing.T, logs interface{ String() string }, timeout time.Duration) string {
-	t.Helper()
-	var addr string
-	eventually(t, timeout, "qbridged to log its grpc= address", func() bool {
-		if m := grpcAddrRE.FindStringSubmatch(logs.String()); m != nil {
-			addr = m[1]
-			return true
-		}
-		return false
-	})
-	return addr
-}
-
 // daemon is run() executing in-process.
 type daemon struct {
 	addr   string
