@@ -13,6 +13,8 @@ import (
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 	"github.com/qbridge/qbridge/server"
@@ -72,9 +74,9 @@ func newEnv(ctx context.Context, cfg Config) (_ *env, err error) {
 	}
 	if cfg.QbridgeAddr == "" {
 		// Mirror qbridged's defaults: a default main pool and a separate
-		// blocking pool of 256.
+		// pool for the blocking waits and pub/sub.
 		e.srvRDB = redis.NewClient(&redis.Options{Addr: e.redisAddr, DB: cfg.RedisDB, ClientName: serverClientName})
-		e.srvBlocking = redis.NewClient(&redis.Options{Addr: e.redisAddr, DB: cfg.RedisDB, PoolSize: 256, ClientName: serverClientName})
+		e.srvBlocking = redis.NewClient(&redis.Options{Addr: e.redisAddr, DB: cfg.RedisDB, PoolSize: server.DefaultBlockingWaits + 2, ClientName: serverClientName})
 		b := broker.New(e.srvRDB, broker.WithKeyPrefix(cfg.KeyPrefix+"q:"), broker.WithBlockingClient(e.srvBlocking))
 		if err := b.LoadScripts(ctx); err != nil {
 			return nil, err
@@ -88,6 +90,7 @@ func newEnv(ctx context.Context, cfg Config) (_ *env, err error) {
 		e.gs = grpc.NewServer()
 		qbridgev1.RegisterQueueServiceServer(e.gs, e.srv)
 		qbridgev1.RegisterAdminServiceServer(e.gs, e.srv.Admin())
+		healthpb.RegisterHealthServer(e.gs, health.NewServer()) // as qbridged does
 		e.served = make(chan error, 1)
 		go func() { e.served <- e.gs.Serve(lis) }()
 		e.qbAddr = lis.Addr().String()

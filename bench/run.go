@@ -153,6 +153,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 					return fail(err)
 				}
 			}
+			// The ceiling of any unary call on this machine: a gRPC
+			// health check (no Redis) from as many callers.
+			if err := pair("(ref) gRPC no-op c=64 vs LPUSH", size, "health Check", "LPUSH", "call", e.grpcNoop(64), e.directLPUSH(64)); err != nil {
+				return fail(err)
+			}
 		}
 		if cfg.on("batch") {
 			if err := pair("batch×100 vs pipelined LPUSH×100", size, "EnqueueBatch", "pipelined LPUSH", "call of 100", e.qbBatch, e.directPipeline); err != nil {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 )
@@ -69,6 +70,22 @@ func (e *env) qbEnqueue(conc int) side {
 		}
 		if err := e.checkQbReady(ctx, q, n); err != nil {
 			return sample{}, err
+		}
+		return sample{ops: float64(n) / el.Seconds(), n: n, lat: lat}, nil
+	}
+}
+
+// grpcNoop calls the gRPC health service (which touches no Redis): what
+// the same callers get from any unary call on this machine.
+func (e *env) grpcNoop(conc int) side {
+	return func(ctx context.Context, _ int, dur time.Duration) (sample, error) {
+		hc := healthpb.NewHealthClient(e.conns[0])
+		n, lat, el, err := runFor(ctx, conc, dur, func(ctx context.Context, _, _ int) error {
+			_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+			return err
+		})
+		if err != nil {
+			return sample{}, fmt.Errorf("health Check: %w", err)
 		}
 		return sample{ops: float64(n) / el.Seconds(), n: n, lat: lat}, nil
 	}

@@ -390,8 +390,9 @@ func (s *Server) broadcast(ctx context.Context, verb, queue string) {
 }
 
 // eventsChannel carries events for every instance: "kick <queue>" (look
-// at the queue again: it was resumed) and "forget <queue>" (it was deleted:
-// register it again when it is used).
+// at the queue again: it was resumed), "forget <queue>" (it was deleted:
+// register it again when it is used) and "ready <queue>" (published by the
+// scripts when a push finds the ready list empty; see idle.go).
 const eventsChannel = "{qbridge}:events"
 
 func (s *Server) applyEvent(payload string) {
@@ -401,6 +402,8 @@ func (s *Server) applyEvent(payload string) {
 		s.kickQueue(arg)
 	case "forget":
 		s.known.Delete(arg)
+	case "ready":
+		s.idleQueues.wake(arg)
 	default:
 		s.log.Debug("unknown event", "event", fmt.Sprintf("%.64q", payload))
 	}

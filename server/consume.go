@@ -28,9 +28,12 @@ import (
 //     from the ready list to the inflight hash atomically;
 //   - the script reports how many remain, so the dispatcher serves further
 //     streams only while there is something left;
-//   - when the queue is empty it blocks in Redis with BLMOVE from the list to
-//     itself (a wait that takes nothing), so thousands of idle streams cost
-//     one blocked connection per queue, and a new message wakes it at once.
+//   - when the queue is empty it waits, with a blocking BLMOVE from the list
+//     to itself (a wait that takes nothing) while the instance has blocking
+//     connections to spare, and otherwise parked until a notification or
+//     the idle poller says the queue has messages (see idle.go). Thousands
+//     of idle streams on one queue cost one wait; thousands of idle queues
+//     cost a bounded number of connections.
 //
 // A stream's goroutine sends what the dispatcher hands it. When the stream
 // ends, for whatever reason, it requeues everything it still holds at the
@@ -222,6 +225,7 @@ type dispatcher struct {
 	s     *Server
 	queue string
 	kick  chan struct{} // capacity 1: "credit changed, look again"
+	wake  chan struct{} // capacity 1: "the queue may have messages" (while parked)
 
 	// consumers is guarded by s.mu.
 	consumers []*consumer
@@ -247,7 +251,7 @@ func (s *Server) attach(c *consumer) error {
 	for _, q := range c.queues {
 		d := s.dispatchers[q]
 		if d == nil {
-			d = &dispatcher{s: s, queue: q, kick: make(chan struct{}, 1)}
+			d = &dispatcher{s: s, queue: q, kick: make(chan struct{}, 1), wake: make(chan struct{}, 1)}
 			s.dispatchers[q] = d
 			go d.run()
 		}
@@ -361,8 +365,8 @@ func (d *dispatcher) run() {
 			continue
 		}
 		if err == nil && !got {
-			// The queue is empty: block in Redis until it is not.
-			_, err = s.b.WaitReady(ctx, d.queue, s.opts.waitSlice)
+			// The queue is empty: wait until it is not (see idle.go).
+			err = d.waitReady(ctx)
 		}
 		if err != nil {
 			if ctx.Err() != nil {
@@ -401,9 +405,30 @@ func (d *dispatcher) failAll(err error) {
 }
 
 // serve fills the hungry streams while the queue has messages. It reports
-// whether anything was taken, and whether the queue is paused.
+// whether anything was taken, and whether the queue is paused. Streams on
+// this queue alone are filled together, one take each in one pipelined
+// round trip; streams with several queues are filled one by one, in
+// priority order (fillFor).
 func (d *dispatcher) serve(ctx context.Context, cs []*consumer) (got, paused bool, err error) {
+	var single, multi []*consumer
 	for _, c := range cs {
+		if len(c.queues) == 1 {
+			single = append(single, c)
+		} else {
+			multi = append(multi, c)
+		}
+	}
+	if len(single) > 0 {
+		g, remaining, p, err := d.fillMany(ctx, single)
+		got = g
+		if err != nil || p {
+			return got, p, err
+		}
+		if remaining == 0 {
+			return got, false, nil
+		}
+	}
+	for _, c := range multi {
 		g, remaining, p, err := d.fillFor(ctx, c)
 		got = got || g
 		if err != nil || p {
@@ -414,6 +439,57 @@ func (d *dispatcher) serve(ctx context.Context, cs []*consumer) (got, paused boo
 		}
 	}
 	return got, false, nil
+}
+
+// fillMany takes messages from the dispatcher's queue for streams that
+// consume only it, with one take per stream in one round trip. remaining
+// is what the last take left in the queue.
+func (d *dispatcher) fillMany(ctx context.Context, cs []*consumer) (got bool, remaining int64, paused bool, err error) {
+	for _, c := range cs {
+		c.fill.Lock()
+	}
+	defer func() {
+		for _, c := range cs {
+			c.fill.Unlock()
+		}
+	}()
+	takes := make([]*broker.Take, 0, len(cs))
+	owners := make([]*consumer, 0, len(cs))
+	for _, c := range cs {
+		if n := c.credit(); n > 0 {
+			takes = append(takes, &broker.Take{N: n, Lease: c.lease, AutoAck: c.autoAck})
+			owners = append(owners, c)
+		}
+	}
+	if len(takes) == 0 {
+		return false, -1, false, nil
+	}
+	d.s.b.TakeMany(ctx, d.queue, takes)
+	remaining = -1
+	for i, t := range takes {
+		c := owners[i]
+		switch {
+		case errors.Is(t.Err, broker.ErrPaused):
+			paused = true
+			continue
+		case t.Err != nil:
+			if err == nil {
+				err = t.Err
+			}
+			continue
+		}
+		remaining = t.Remaining
+		if len(t.Leases) > 0 {
+			got = true
+			if !c.give(t.Leases) {
+				d.s.giveBack(c, t.Leases)
+			}
+		}
+	}
+	if paused && err == nil {
+		return got, 0, true, nil
+	}
+	return got, remaining, false, err
 }
 
 // fillFor takes messages for c from its queues in priority order, down to
@@ -858,12 +934,77 @@ func (s *Server) Ack(ctx context.Context, req *qbridgev1.AckRequest) (*qbridgev1
 				}
 			}
 		}
+		if c := s.refillable(q, ts); c != nil {
+			return s.ackRefill(ctx, c, q, ts, res)
+		}
 		return s.b.Ack(ctx, q, leaseIDs(ts), res)
 	})
 	if err != nil {
 		return nil, toStatus(err)
 	}
 	return &qbridgev1.AckResponse{Acked: uint32(n)}, nil
+}
+
+// refillable returns the stream that holds all of ts when an ack of them
+// may refill it in the same round trip (see ackRefill): a stream of this
+// instance that consumes only queue, with leases (not auto-ack) and no
+// max_messages, while the server is not draining. Otherwise nil.
+func (s *Server) refillable(queue string, ts []ackToken) *consumer {
+	if len(ts) == 0 || s.isDraining() {
+		return nil
+	}
+	id := ts[0].Consumer
+	for _, t := range ts {
+		if t.Instance != s.instance || t.Consumer != id {
+			return nil
+		}
+	}
+	s.mu.Lock()
+	c := s.consumers[id]
+	s.mu.Unlock()
+	if c == nil || c.autoAck || len(c.queues) != 1 || c.queues[0] != queue {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.left >= 0 {
+		return nil
+	}
+	return c
+}
+
+// ackRefill acks ts for c and, in the same script, claims for c as many
+// messages as the ack settled plus the credit c already had: the common
+// cycle of a busy consumer (ack what it holds, get as many more) costs one
+// Redis round trip instead of two, and no wait for the dispatcher. The
+// stream's fill lock keeps the dispatcher from claiming for the same credit
+// at the same time; the settled leases are forgotten by the caller
+// (applyTokens), which restores the credit the claimed ones took.
+func (s *Server) ackRefill(ctx context.Context, c *consumer, q string, ts []ackToken, res [][]byte) ([]bool, error) {
+	c.fill.Lock()
+	defer c.fill.Unlock()
+	// The credit now, and what the ack can add to it: the leases of ts that
+	// the stream still counts as held.
+	extra := max(c.credit(), 0)
+	c.mu.Lock()
+	limit := extra
+	for _, t := range ts {
+		if _, ok := c.held[leaseKey{t.Queue, t.LeaseID}]; ok {
+			limit++
+		}
+	}
+	c.mu.Unlock()
+	ok, ls, _, err := s.b.AckClaim(ctx, q, leaseIDs(ts), res, extra, limit, c.lease)
+	if err != nil && ok == nil {
+		return nil, err
+	}
+	if err != nil {
+		s.log.Warn("acked, but the refill that came with the ack failed; the dispatcher will refill", "queue", q, "err", err)
+	}
+	if len(ls) > 0 && !c.give(ls) {
+		s.giveBack(c, ls)
+	}
+	return ok, nil
 }
 
 // Nack implements QueueService.Nack.

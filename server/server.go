@@ -39,8 +39,10 @@ type Server struct {
 	hub      *hub
 	promoter *promoter
 	rates    *rateSampler
-	known    sync.Map // queues registered in Redis by this process
-	waiters  resultWaiters
+	// idleQueues holds the waits of dispatchers whose queue is empty.
+	idleQueues *idleQueues
+	known      sync.Map // queues registered in Redis by this process
+	waiters    resultWaiters
 
 	draining    chan struct{} // closed: refuse new work, stop claiming
 	stopStreams chan struct{} // closed: end every stream now
@@ -69,6 +71,8 @@ type options struct {
 	maxResponseBytes  int
 	requeueTimeout    time.Duration
 	claimRetryBackoff time.Duration
+	blockingWaits     int
+	idlePoll          time.Duration
 }
 
 // Option configures a Server.
@@ -114,6 +118,18 @@ func WithSubscriberBuffer(msgs, bytes int) Option {
 // this is still sent (clients must then raise their receive limit).
 func WithMaxResponseBytes(n int) Option { return func(o *options) { o.maxResponseBytes = n } }
 
+// DefaultBlockingWaits is the default of WithIdleQueues.
+const DefaultBlockingWaits = 24
+
+// WithIdleQueues bounds how many empty queues at once wait in Redis with a
+// blocking command (one connection each: size the blocking client's pool
+// to at least this plus two, for pub/sub). The others park, woken by
+// qbridge's own "ready" announcements and by a poll of their lengths every
+// poll interval (see idle.go). Default: 24 and 250ms.
+func WithIdleQueues(blockingWaits int, poll time.Duration) Option {
+	return func(o *options) { o.blockingWaits, o.idlePoll = blockingWaits, poll }
+}
+
 func defaultOptions() options {
 	return options{
 		logger:            slog.Default(),
@@ -131,6 +147,8 @@ func defaultOptions() options {
 		maxResponseBytes:  3 << 20,
 		requeueTimeout:    10 * time.Second,
 		claimRetryBackoff: 100 * time.Millisecond,
+		blockingWaits:     DefaultBlockingWaits,
+		idlePoll:          250 * time.Millisecond,
 	}
 }
 
@@ -156,6 +174,7 @@ func New(b *broker.Broker, opts ...Option) *Server {
 	s.hub = newHub(s)
 	s.promoter = newPromoter(s)
 	s.rates = newRateSampler(s)
+	s.idleQueues = newIdleQueues(s)
 	return s
 }
 
@@ -164,7 +183,8 @@ func (s *Server) Start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	s.bgCancel = cancel
 	s.hub.open(ctx) // before returning, so a Subscribe right after Start works
-	s.bg.Add(4)
+	s.bg.Add(5)
+	go func() { defer s.bg.Done(); s.idleQueues.poll(ctx) }()
 	go func() { defer s.bg.Done(); s.reapLoop(ctx) }()
 	go func() { defer s.bg.Done(); s.hub.run(ctx) }()
 	go func() { defer s.bg.Done(); s.promoter.run(ctx) }()

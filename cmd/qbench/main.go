@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -44,6 +45,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		short    = fs.Bool("short", false, "quick run: 300ms runs, 100ms warm-up, 2 repeats, 200 idle streams (explicit flags win)")
 		timeout  = fs.Duration("timeout", 15*time.Minute, "abort the whole run after this long")
 		quiet    = fs.Bool("quiet", false, "no progress lines on stderr")
+		cpuProf  = fs.String("cpuprofile", "", "write a CPU profile of the whole run (harness, clients and in-process server) to this file")
 	)
 	fs.StringVar(&cfg.RedisAddr, "redis-addr", "", "use this Redis instead of starting a private redis-server; only keys under -key-prefix in -redis-db are written and deleted")
 	fs.IntVar(&cfg.RedisDB, "redis-db", 0, "Redis database (use a dedicated one with -redis-addr)")
@@ -99,6 +101,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
+	if *cpuProf != "" {
+		f, err := os.Create(*cpuProf)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	rep, err := bench.Run(ctx, cfg)
 	if err != nil {
 		if rep != nil && len(rep.Rows) > 0 {

@@ -36,8 +36,8 @@ func TestSmoke(t *testing.T) {
 	if err := json.Unmarshal(b, &rep); err != nil {
 		t.Fatalf("JSON: %v", err)
 	}
-	if len(rep.Rows) != 12 {
-		t.Errorf("%d rows, want 12", len(rep.Rows))
+	if len(rep.Rows) != 13 {
+		t.Errorf("%d rows, want 13", len(rep.Rows))
 	}
 	for _, r := range rep.Rows {
 		if r.Qbridge.Median <= 0 || r.Direct.Median <= 0 || r.Ratio <= 0 || r.Qbridge.Count <= 0 || r.Direct.Count <= 0 {

@@ -36,7 +36,9 @@ type Config struct {
 	ShutdownTimeout  time.Duration
 	KeepaliveTime    time.Duration
 	KeepaliveTimeout time.Duration
-	BlockingPoolSize int
+	BlockingWaits    int
+	IdlePoll         time.Duration
+	Coalescing       int
 	MaxAttempts      int
 	RetryBackoffMin  time.Duration
 	RetryBackoffMax  time.Duration
@@ -122,9 +124,15 @@ var flagDefs = []flagDef{
 	{"keepalive-timeout", "duration", "5s",
 		"A connection that does not answer a ping within this time is closed, and its streams end (their unacked messages go back to their queues).",
 		func(c *Config) flag.Value { return (*durationValue)(&c.KeepaliveTimeout) }},
-	{"blocking-pool-size", "n", "256",
-		"Connection pool size of the separate Redis client used for blocking waits on empty queues and for pub/sub.",
-		func(c *Config) flag.Value { return (*intValue)(&c.BlockingPoolSize) }},
+	{"blocking-waits", "n", "24",
+		"Empty queues that may wait in Redis with a blocking command at once, one connection each (woken at once by any push, plain LPUSH included). Further empty queues hold no connection: a qbridge enqueue to an empty queue wakes them at once, and anything else (a plain Redis push) within --idle-poll.",
+		func(c *Config) flag.Value { return (*intValue)(&c.BlockingWaits) }},
+	{"idle-poll", "duration", "250ms",
+		"How often the lengths of empty queues beyond --blocking-waits are checked (pipelined LLEN).",
+		func(c *Config) flag.Value { return (*durationValue)(&c.IdlePoll) }},
+	{"coalescing", "n", "4",
+		"Concurrent Enqueue, Publish, Ack and dropping Nack calls are merged into shared Redis pipelines (one script run per queue), at most this many in flight per kind at once; 0 sends each call on its own.",
+		func(c *Config) flag.Value { return (*intValue)(&c.Coalescing) }},
 	{"max-attempts", "n", "25",
 		"Default retry policy: deliveries of a message before it is dead-lettered (1 to 1000). A queue's config and an Enqueue may override it.",
 		func(c *Config) flag.Value { return (*intValue)(&c.MaxAttempts) }},
@@ -224,12 +232,18 @@ func (c *Config) validate() error {
 		{"max-batch", c.MaxBatch},
 		{"max-in-flight", c.MaxInFlight},
 		{"subscriber-buffer", c.SubscriberBuffer},
-		{"blocking-pool-size", c.BlockingPoolSize},
+		{"blocking-waits", c.BlockingWaits},
 	}
 	for _, p := range positive {
 		if p.v <= 0 {
 			bad(p.name, "must be a positive number, got %d", p.v)
 		}
+	}
+	if c.Coalescing < 0 {
+		bad("coalescing", "must be 0 (off) or a positive number, got %d", c.Coalescing)
+	}
+	if c.IdlePoll < time.Millisecond {
+		bad("idle-poll", "must be at least 1ms, got %v", c.IdlePoll)
 	}
 	if c.DefaultLease < minLease || c.DefaultLease > maxLease {
 		bad("default-lease", "must be between %v and %v, got %v", minLease, maxLease, c.DefaultLease)

@@ -86,7 +86,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		log.Info("using Redis", "url", redactURL(cfg.RedisURL), "db", opts.DB)
 	}
 	blockingOpts := *opts
-	blockingOpts.PoolSize = cfg.BlockingPoolSize
+	// One connection per blocking wait, the shared pub/sub connection, and
+	// one to spare.
+	blockingOpts.PoolSize = cfg.BlockingWaits + 2
 	var rdb redis.UniversalClient = redis.NewClient(opts)
 	var blocking redis.UniversalClient = redis.NewClient(&blockingOpts)
 	defer func() {
@@ -108,6 +110,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			DedupWindow:       cfg.DedupWindow,
 		}),
 		broker.WithResultRetention(cfg.ResultRetention),
+		broker.WithCoalescing(cfg.Coalescing),
 	)
 	loadCtx, cancelLoad := context.WithTimeout(ctx, loadScriptsTimeout)
 	if err := b.LoadScripts(loadCtx); err != nil {
@@ -126,6 +129,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		server.WithReapInterval(cfg.ReapInterval),
 		server.WithWaitSlice(cfg.WaitSlice),
 		server.WithSubscriberBuffer(cfg.SubscriberBuffer, 8<<20),
+		server.WithIdleQueues(cfg.BlockingWaits, cfg.IdlePoll),
 	)
 	srv.Start()
 	defer func() {

@@ -20,6 +20,10 @@ type Broker struct {
 	defaults Policy
 	// resultRetention is how long kept results live.
 	resultRetention time.Duration
+	// enqueues and publishes merge concurrent calls (nil: off).
+	enqueues  *coalescer[*enqueueCall]
+	publishes *coalescer[*publishCall]
+	settles   *coalescer[*settleCall]
 }
 
 // Policy is a queue policy. As server defaults every field is used; in a
@@ -71,9 +75,24 @@ func WithDefaults(p Policy) Option { return func(b *Broker) { b.defaults = p } }
 // WithResultRetention sets how long message results are kept. Default 24h.
 func WithResultRetention(d time.Duration) Option { return func(b *Broker) { b.resultRetention = d } }
 
+// WithCoalescing sets how many pipelines of merged calls of each kind
+// (enqueues, publishes, acks and drops) may be in flight at once (see
+// coalesce.go); 0 sends every call on its own. Default 4.
+func WithCoalescing(slots int) Option {
+	return func(b *Broker) {
+		b.enqueueCoalescing(slots)
+		b.publishCoalescing(slots)
+		b.settleCoalescing(slots)
+	}
+}
+
+// DefaultCoalescing is the default of WithCoalescing.
+const DefaultCoalescing = 4
+
 // New returns a Broker over rdb (a single node, Sentinel or Cluster client).
 func New(rdb redis.UniversalClient, opts ...Option) *Broker {
 	b := &Broker{rdb: rdb, isRaw: func(string) bool { return false }, defaults: DefaultPolicy, resultRetention: 24 * time.Hour}
+	WithCoalescing(DefaultCoalescing)(b)
 	for _, o := range opts {
 		o(b)
 	}
@@ -109,7 +128,17 @@ func (b *Broker) LoadScripts(ctx context.Context) error {
 
 // run runs a queue script with the standard KEYS and ARGV prefix.
 func (b *Broker) run(ctx context.Context, s *redis.Script, queue string, args ...any) *redis.Cmd {
-	keys := b.keys.script(queue)
+	return s.Run(ctx, b.rdb, b.keys.script(queue), b.argv(queue, args)...)
+}
+
+// evalSha queues a queue script on a pipeline (no NOSCRIPT fallback; see
+// runMany).
+func (b *Broker) evalSha(ctx context.Context, p redis.Pipeliner, s *redis.Script, queue string, args ...any) *redis.Cmd {
+	return s.EvalSha(ctx, p, b.keys.script(queue), b.argv(queue, args)...)
+}
+
+// argv is the standard ARGV prefix of queue's scripts followed by args.
+func (b *Broker) argv(queue string, args []any) []any {
 	d := b.defaults
 	expired := "drop"
 	if d.ExpiredDeadLetter {
@@ -123,8 +152,7 @@ func (b *Broker) run(ctx context.Context, s *redis.Script, queue string, args ..
 	argv = append(argv, raw, d.MaxAttempts, d.BackoffMin.Milliseconds(), d.BackoffMax.Milliseconds(),
 		expired, rand.Int32N(1<<30)+1, d.DedupWindow.Milliseconds(), d.MaxLength,
 		b.resultRetention.Milliseconds(), b.keys.ResultsChannel(queue))
-	argv = append(argv, args...)
-	return s.Run(ctx, b.rdb, keys, argv...)
+	return append(argv, args...)
 }
 
 // NewMessage is a message to enqueue.
@@ -169,55 +197,48 @@ func (e *QueueFullError) Error() string {
 }
 
 // EnqueueMany appends msgs to the tail of queue (or schedules the delayed
-// ones) in one script, so a batch is all or nothing, and returns their ids.
+// ones), all or nothing, and returns their ids. Concurrent calls are merged
+// into shared round trips (see coalesce.go); each keeps its own outcome.
 //
 // In raw mode the list elements are the bare payloads: a plain BLPOP reads
 // them unchanged, but headers and ids are not stored (the ids returned are
 // informational) and the enqueue time becomes the time of first delivery.
 // A delayed message is stored as an envelope until it is due.
 func (b *Broker) EnqueueMany(ctx context.Context, queue string, msgs []NewMessage) (EnqueueResult, error) {
-	res := EnqueueResult{IDs: make([]string, len(msgs)), Duplicate: make([]bool, len(msgs))}
+	c := &enqueueCall{
+		ctx: ctx, queue: queue, n: len(msgs), done: make(chan struct{}),
+		res:  EnqueueResult{IDs: make([]string, len(msgs)), Duplicate: make([]bool, len(msgs))},
+		args: make([]any, 0, 5*len(msgs)),
+	}
 	now := time.Now().UnixMilli()
-	args := make([]any, 0, 1+5*len(msgs))
-	args = append(args, len(msgs))
 	for i, m := range msgs {
-		res.IDs[i] = m.ID
-		if res.IDs[i] == "" {
-			res.IDs[i] = newID()
+		c.res.IDs[i] = m.ID
+		if c.res.IDs[i] == "" {
+			c.res.IDs[i] = newID()
 		}
 		el := encodeEnvelope(&Message{
-			ID: res.IDs[i], EnqueuedAt: now, Headers: m.Headers, Payload: m.Payload, TaskType: m.TaskType, KeepResult: m.KeepResult,
+			ID: c.res.IDs[i], EnqueuedAt: now, Headers: m.Headers, Payload: m.Payload, TaskType: m.TaskType, KeepResult: m.KeepResult,
 			MaxAttempts: uint16(m.MaxAttempts), BackoffMin: uint32(m.BackoffMin.Milliseconds()), BackoffMax: uint32(m.BackoffMax.Milliseconds()),
 		})
 		var at int64
 		if !m.DeliverAt.IsZero() {
 			at = m.DeliverAt.UnixMilli()
 		}
-		args = append(args, el, m.Delay.Milliseconds(), at, m.TTL.Milliseconds(), m.DedupKey)
+		c.bytes += len(el)
+		c.args = append(c.args, el, m.Delay.Milliseconds(), at, m.TTL.Milliseconds(), m.DedupKey)
 	}
-	out, err := b.run(ctx, enqueueScript, queue, args...).Slice()
-	if err != nil {
-		return res, wrap(err, "enqueue to %q", queue)
+	if b.enqueues == nil {
+		b.flushEnqueues([]*enqueueCall{c})
+	} else {
+		b.enqueues.submit(c)
 	}
-	if len(out) >= 3 && out[0] == "FULL" {
-		held, _ := out[1].(int64)
-		max, _ := out[2].(int64)
-		return res, &QueueFullError{Queue: queue, Held: held, Max: max}
+	select {
+	case <-c.done:
+	case <-ctx.Done():
+		// Sent or not, the outcome is no longer the caller's to see.
+		return EnqueueResult{}, wrap(ctx.Err(), "enqueue to %q", queue)
 	}
-	if len(out) != 3+len(msgs) || out[0] != "OK" {
-		return res, fmt.Errorf("enqueue to %q: unexpected reply %v", queue, out)
-	}
-	if due, _ := out[1].(int64); due > 0 {
-		res.FirstDue = time.UnixMilli(due)
-	}
-	created, _ := out[2].(int64)
-	res.Created = created == 1
-	for i := range msgs {
-		if dup, _ := out[3+i].(string); dup != "" {
-			res.IDs[i], res.Duplicate[i] = dup, true
-		}
-	}
-	return res, nil
+	return c.res, c.err
 }
 
 func newID() string {
@@ -250,6 +271,10 @@ func (b *Broker) Claim(ctx context.Context, queue string, n int, lease time.Dura
 	if err != nil {
 		return nil, 0, wrap(err, "claim from %q", queue)
 	}
+	return parseClaim(queue, res)
+}
+
+func parseClaim(queue string, res []any) ([]Lease, int64, error) {
 	if len(res) < 2 {
 		return nil, 0, fmt.Errorf("claim from %q: short reply %v", queue, res)
 	}
@@ -281,6 +306,10 @@ func (b *Broker) Pop(ctx context.Context, queue string, n int) ([]Lease, int64, 
 	if err != nil {
 		return nil, 0, wrap(err, "pop from %q", queue)
 	}
+	return parsePop(queue, res)
+}
+
+func parsePop(queue string, res []any) ([]Lease, int64, error) {
 	if len(res) < 1 {
 		return nil, 0, fmt.Errorf("pop from %q: short reply %v", queue, res)
 	}
@@ -300,6 +329,53 @@ func (b *Broker) Pop(ctx context.Context, queue string, n int) ([]Lease, int64, 
 		out = append(out, Lease{Queue: queue, Message: m, element: el})
 	}
 	return out, remaining, nil
+}
+
+// Take is one claim (or, with AutoAck, pop) of up to N messages, for
+// TakeMany.
+type Take struct {
+	N       int
+	Lease   time.Duration
+	AutoAck bool
+	// Results.
+	Leases    []Lease
+	Remaining int64
+	Err       error
+}
+
+// TakeMany runs several claims and pops on one queue in one round trip, in
+// order (each sees what the ones before it left). Each take has its own
+// result; a paused queue gives each ErrPaused.
+func (b *Broker) TakeMany(ctx context.Context, queue string, takes []*Take) {
+	runs := make([]scriptRun, len(takes))
+	for i, t := range takes {
+		if t.AutoAck {
+			runs[i] = scriptRun{script: popScript, queue: queue, args: []any{t.N}}
+		} else {
+			runs[i] = scriptRun{script: claimScript, queue: queue, args: []any{t.N, t.Lease.Milliseconds()}}
+		}
+	}
+	b.runMany(ctx, runs)
+	for i, t := range takes {
+		verb := "claim from %q"
+		if t.AutoAck {
+			verb = "pop from %q"
+		}
+		if runs[i].err != nil {
+			t.Err = wrap(runs[i].err, verb, queue)
+			continue
+		}
+		res, err := runs[i].cmd.Slice()
+		if err != nil {
+			t.Err = wrap(err, verb, queue)
+			continue
+		}
+		if t.AutoAck {
+			t.Leases, t.Remaining, t.Err = parsePop(queue, res)
+		} else {
+			t.Leases, t.Remaining, t.Err = parseClaim(queue, res)
+		}
+	}
 }
 
 // PushBack returns auto-ack pops that never reached a client to the head of
@@ -330,11 +406,77 @@ func (b *Broker) WaitReady(ctx context.Context, queue string, timeout time.Durat
 	return true, nil
 }
 
+// ReadyLengths returns the length of each queue's ready list, pipelined in
+// chunks of 1000 (one round trip per chunk). A key that holds something
+// other than a list counts as length 1.
+func (b *Broker) ReadyLengths(ctx context.Context, queues []string) ([]int64, error) {
+	out := make([]int64, len(queues))
+	for start := 0; start < len(queues); start += 1000 {
+		chunk := queues[start:min(start+1000, len(queues))]
+		cmds := make([]*redis.IntCmd, len(chunk))
+		_, _ = b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for i, q := range chunk {
+				cmds[i] = p.LLen(ctx, b.keys.Ready(q))
+			}
+			return nil
+		})
+		for i, c := range cmds {
+			if err := c.Err(); err != nil {
+				if errors.Is(wrap(err, ""), ErrWrongType) {
+					out[start+i] = 1 // not a list: let its dispatcher find out
+					continue
+				}
+				return nil, wrap(err, "read queue lengths")
+			}
+			out[start+i] = c.Val()
+		}
+	}
+	return out, nil
+}
+
 // Ack settles leases for good. results[i], when non-nil, is kept as the
 // result of leaseIDs[i]'s message (results may be nil). ok[i] tells whether
 // leaseIDs[i] was still held.
 func (b *Broker) Ack(ctx context.Context, queue string, leaseIDs []string, results [][]byte) (ok []bool, err error) {
 	return b.settle(ctx, queue, "acked", "", leaseIDs, results)
+}
+
+// AckClaim acks leaseIDs like Ack and, in the same script, claims extra
+// plus as many messages as it settled, at most limit, for lease (like
+// Claim): one round trip for a consumer that acks and wants as many more.
+// A paused queue claims nothing (no error). remaining is what is left ready
+// (-1: paused).
+func (b *Broker) AckClaim(ctx context.Context, queue string, leaseIDs []string, results [][]byte, extra, limit int, lease time.Duration) (ok []bool, leases []Lease, remaining int64, err error) {
+	args := make([]any, 0, 3+2*len(leaseIDs))
+	args = append(args, extra, limit, lease.Milliseconds())
+	for i, id := range leaseIDs {
+		res := ""
+		if i < len(results) && results[i] != nil {
+			res = "=" + string(results[i])
+		}
+		args = append(args, id, res)
+	}
+	out, err := b.run(ctx, ackClaimScript, queue, args...).Slice()
+	if err != nil {
+		return nil, nil, 0, wrap(err, "ack and claim in %q", queue)
+	}
+	if len(out) < 1 {
+		return nil, nil, 0, fmt.Errorf("ack and claim in %q: empty reply", queue)
+	}
+	k, _ := out[0].(int64)
+	if int(k) != len(leaseIDs) || len(out) < 1+int(k) {
+		return nil, nil, 0, fmt.Errorf("ack and claim in %q: unexpected reply %v", queue, out)
+	}
+	ok = make([]bool, k)
+	for i := range ok {
+		v, _ := out[1+i].(int64)
+		ok[i] = v == 1
+	}
+	leases, remaining, err = parseClaim(queue, out[1+k:])
+	if errors.Is(err, ErrPaused) {
+		return ok, nil, -1, nil
+	}
+	return ok, leases, remaining, err
 }
 
 // Drop removes leased messages for good (a Nack that drops); errText is
@@ -344,20 +486,25 @@ func (b *Broker) Drop(ctx context.Context, queue string, leaseIDs []string, errT
 }
 
 func (b *Broker) settle(ctx context.Context, queue, counter, errText string, leaseIDs []string, results [][]byte) ([]bool, error) {
-	args := make([]any, 0, 2+2*len(leaseIDs))
-	args = append(args, counter, errText)
+	c := &settleCall{ctx: ctx, queue: queue, counter: counter, errText: errText, args: make([]any, 0, 2*len(leaseIDs)), done: make(chan struct{})}
 	for i, id := range leaseIDs {
 		res := ""
 		if i < len(results) && results[i] != nil {
 			res = "=" + string(results[i])
 		}
-		args = append(args, id, res)
+		c.args = append(c.args, id, res)
 	}
-	res, err := b.run(ctx, settleScript, queue, args...).Int64Slice()
-	if err != nil {
-		return nil, wrap(err, "settle in %q", queue)
+	if b.settles == nil {
+		b.flushSettles([]*settleCall{c})
+	} else {
+		b.settles.submit(c)
 	}
-	return flags(res), nil
+	select {
+	case <-c.done:
+		return c.ok, c.err
+	case <-ctx.Done():
+		return nil, wrap(ctx.Err(), "settle in %q", queue)
+	}
 }
 
 // NackAction says what Nack does with a message.
@@ -605,9 +752,21 @@ func (b *Broker) ReadCounters(ctx context.Context, queues []string) ([]Counters,
 }
 
 // Publish sends payload on channel and returns what Redis PUBLISH returns.
+// Concurrent calls are merged into shared pipelines, in the order they were
+// made (see coalesce.go).
 func (b *Broker) Publish(ctx context.Context, channel string, payload []byte) (int64, error) {
-	n, err := b.rdb.Publish(ctx, b.keys.Channel(channel), payload).Result()
-	return n, wrap(err, "publish to %q", channel)
+	if b.publishes == nil {
+		n, err := b.rdb.Publish(ctx, b.keys.Channel(channel), payload).Result()
+		return n, wrap(err, "publish to %q", channel)
+	}
+	c := &publishCall{ctx: ctx, channel: channel, payload: payload, done: make(chan struct{})}
+	b.publishes.submit(c)
+	select {
+	case <-c.done:
+		return c.n, c.err
+	case <-ctx.Done():
+		return 0, wrap(ctx.Err(), "publish to %q", channel)
+	}
 }
 
 // PubSub opens the connection that Subscribe streams share.

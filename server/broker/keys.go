@@ -33,7 +33,10 @@
 // two global keys are only ever used by single-key commands.
 //
 // Pub/sub channel C is the Redis channel "P C"; patterns are prefixed the same
-// way.
+// way. qbridge's own channels are "P{qbridge}:instance:<id>" (each
+// instance's control channel), "P{qbridge}:events" (events for every
+// instance, among them "ready <queue>", which scripts publish when they push
+// to an empty ready list) and "P{qbridge}:results:<queue>" (stored results).
 //
 // # Message states
 //

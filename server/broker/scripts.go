@@ -28,7 +28,8 @@ import "github.com/redis/go-redis/v9"
 //	ARGV[2] max attempts          ARGV[6] random seed for backoff jitter
 //	ARGV[3] min backoff ms        ARGV[7] dedup window ms
 //	ARGV[4] max backoff ms        ARGV[8] max length (0: none)
-//	ARGV[9] result retention ms   ARGV[10] channel announcing stored results
+//	ARGV[9] result retention ms   ARGV[10] channel announcing stored results,
+//	                              "P{qbridge}:results:<queue>" (see announceready)
 //	ARGV[11..] script-specific
 
 // luaPrelude holds what the queue scripts share.
@@ -220,7 +221,23 @@ local function record(e, state, result, err, now)
 end
 local function keepresult(e) return getmeta(e, 6) == 1 end
 
+-- announceready tells every qbridge instance that the ready list is about
+-- to stop being empty: "ready <queue>" on the events channel, for the
+-- dispatchers that wait without a blocking connection of their own (see
+-- server/idle.go). Scripts call it before their first push to the ready
+-- list. Both names come from ARGV[10], "P{qbridge}:results:<queue>" (queue
+-- names have no braces).
+local announced = false
+local function announceready()
+  if announced then return end
+  announced = true
+  if redis.call('LLEN', READY) > 0 then return end
+  local p, q = string.match(ARGV[10], '^(.*){qbridge}:results:([^{}]*)$')
+  if p then redis.call('PUBLISH', p .. '{qbridge}:events', 'ready ' .. q) end
+end
+
 local function pushready(e, head)
+  announceready()
   if RAW then e = payload(e) end
   if head then redis.call('LPUSH', READY, e) else redis.call('RPUSH', READY, e) end
 end
@@ -294,80 +311,193 @@ local function expired(e, now)
   if policy().expact == 'dead' then deadletter(e, 'expired', now) end
   return true
 end
+
+-- claimn takes up to count messages from the head of the ready list and
+-- leases them for leasems (see claimScript).
+local function claimn(count, leasems)
+  if redis.call('EXISTS', PAUSED) == 1 then return {-1, 0} end
+  local now = nowms()
+  local deadline = now + leasems
+  if count <= 0 then return {redis.call('LLEN', READY), deadline} end
+  local els = redis.call('LPOP', READY, count)
+  if not els then return {0, deadline} end
+  local out = {0, deadline}
+  local h, z = {}, {}
+  local last = redis.call('INCRBY', SEQ, #els)
+  for i = 1, #els do
+    local e = els[i]
+    local raw = not (#e >= 40 and string.sub(e, 1, 4) == MAGIC)
+    local lid = string.format('%d', last - #els + i)
+    if raw then
+      local id = 'raw-' .. lid
+      e = MAGIC .. be32(0) .. be64(now) .. be64(0) .. be16(0) .. be32(0) .. be32(0) ..
+          be16(#id) .. id .. be32(0) .. e
+    end
+    if raw or not expired(e, now) then
+      e = setdeliveries(e, deliveries(e) + 1)
+      h[#h + 1] = lid; h[#h + 1] = e
+      z[#z + 1] = deadline; z[#z + 1] = lid
+      out[#out + 1] = lid; out[#out + 1] = e
+    end
+  end
+  if #h > 0 then
+    redis.call('HSET', INFLIGHT, unpack(h))
+    redis.call('ZADD', LEASES, unpack(z))
+  end
+  out[1] = redis.call('LLEN', READY)
+  return out
+end
+
+-- settlelist settles the lease ids at ARGV[first], ARGV[first + 2], ...
+-- (each followed by its result) as what ('acked' or 'nacked'; see
+-- settleScript) and returns a flag per id and how many it settled.
+local function settlelist(what, errtext, first)
+  local now
+  local out, n = {}, 0
+  local lids = {}
+  for i = first, #ARGV, 2 do lids[#lids + 1] = ARGV[i] end
+  if #lids == 0 then return out, 0 end
+  local es = redis.call('HMGET', INFLIGHT, unpack(lids))
+  local gone = {}
+  for j, lid in ipairs(lids) do
+    local e, res = es[j], ARGV[first + 2 * (j - 1) + 1]
+    if e and not gone[lid] then
+      gone[lid] = true
+      n = n + 1
+      typecount(e, what, 1)
+      if what == 'acked' and (res ~= '' or keepresult(e)) then
+        now = now or nowms()
+        record(e, 'S', string.sub(res, 2), '', now)
+      elseif what == 'nacked' and keepresult(e) then
+        now = now or nowms()
+        record(e, 'F', '', errtext, now)
+      end
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+  end
+  if n > 0 then
+    local del = {}
+    for lid in pairs(gone) do del[#del + 1] = lid end
+    redis.call('HDEL', INFLIGHT, unpack(del))
+    redis.call('ZREM', LEASES, unpack(del))
+  end
+  count(what, n)
+  return out, n
+end
 `
 
-// enqueueScript appends messages to the ready list, or schedules them, all
-// or nothing: when the queue has a max length and they do not all fit,
-// nothing is written. A message whose dedup key is still remembered is not
-// enqueued; the id remembered for the key is returned instead. Dedup keys
-// live in a hash with an expiry zset beside it; each run forgets up to 100
-// keys whose window has passed, so the cleanup costs O(1) per enqueue.
+// enqueueScript appends messages to the ready list, or schedules them. It
+// takes several groups of messages (the enqueue calls that the coalescer
+// merged, see coalesce.go) and treats each group as one call would be: all
+// or nothing. When the queue has a max length and a group does not fit,
+// nothing of that group is written, and the groups after it are still
+// tried. A message whose dedup key is still remembered (by an earlier call,
+// or an earlier message of this run) is not enqueued; the id remembered for
+// the key is returned instead. Dedup keys live in a hash with an expiry zset
+// beside it; each run forgets up to 100 keys whose window has passed, so the
+// cleanup costs O(1) per enqueue. Ready messages are appended with one
+// variadic RPUSH per 1000.
 //
 //	KEYS    standard
-//	ARGV[11] number of messages, then 5 per message:
-//	        envelope, delay ms, deliver-at unix ms (0: none), ttl ms (0: none),
-//	        dedup key ("": none)
-//	returns {"OK", earliest due ms or 0, 1 if the queue's counters were
-//	         created (a new or recreated queue) else 0, then per message "" or
-//	         the id of the earlier message with the same dedup key}
-//	     or {"FULL", messages held, max length}
+//	ARGV[11] number of groups, then per group: its number of messages n, then
+//	        5 per message: envelope, delay ms, deliver-at unix ms (0: none),
+//	        ttl ms (0: none), dedup key ("": none)
+//	returns per group, one after the other:
+//	        "OK", 1 if this group created the queue's counters (a new or
+//	              recreated queue) else 0, earliest due ms of the group or 0,
+//	              then n times "" or the id of the earlier message with the
+//	              same dedup key
+//	     or "FULL", messages held, max length
 var enqueueScript = redis.NewScript(luaPrelude + `
 local bad = readyproblem(); if bad then return bad end
-local n = tonumber(ARGV[11])
+local groups = tonumber(ARGV[11])
 local now = nowms()
 local old = redis.call('ZRANGEBYSCORE', DEDUPEXP, '-inf', now, 'LIMIT', 0, 100)
 if #old > 0 then
   redis.call('HDEL', DEDUP, unpack(old))
   redis.call('ZREM', DEDUPEXP, unpack(old))
 end
-local dups, seen, fresh = {}, {}, 0
-for i = 1, n do
-  local base = 11 + (i - 1) * 5
-  local key = ARGV[base + 5]
-  dups[i] = ''
-  if key ~= '' then
-    if seen[key] then
-      dups[i] = seen[key]
-    else
-      local prev = redis.call('HGET', DEDUP, key)
-      local till = redis.call('ZSCORE', DEDUPEXP, key)
-      if prev and till and tonumber(till) > now then dups[i] = prev; seen[key] = prev end
-    end
+local ready = {}
+local function flushready()
+  if #ready > 0 then announceready() end
+  for i = 1, #ready, 1000 do
+    redis.call('RPUSH', READY, unpack(ready, i, math.min(i + 999, #ready)))
   end
-  if dups[i] == '' then
-    fresh = fresh + 1
-    if key ~= '' then seen[key] = idof(ARGV[base + 1]) end
-  end
+  ready = {}
 end
-local maxlen = policy().maxlen
-if maxlen > 0 and fresh > 0 then
-  local held = redis.call('LLEN', READY) + redis.call('ZCARD', DELAYED)
-  if held + fresh > maxlen then return {'FULL', held, maxlen} end
-end
+local seen = {}
 local created = 1 - redis.call('EXISTS', COUNTERS)
-local out = {'OK', 0, created}
-for i = 1, n do
-  local base = 11 + (i - 1) * 5
-  local e, delay, at, ttl, key = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
-      tonumber(ARGV[base + 4]), ARGV[base + 5]
-  if dups[i] == '' then
-    if ttl > 0 then e = string.sub(e, 1, 16) .. be64(now + ttl) .. string.sub(e, 25) end
+local out = {}
+local at0 = 12
+for g = 1, groups do
+  local n = tonumber(ARGV[at0])
+  local first = at0 + 1
+  at0 = first + 5 * n
+  local dups, mine, fresh = {}, {}, 0
+  for i = 1, n do
+    local base = first + (i - 1) * 5
+    local key = ARGV[base + 4]
+    dups[i] = ''
     if key ~= '' then
-      redis.call('HSET', DEDUP, key, idof(e))
-      redis.call('ZADD', DEDUPEXP, now + policy().dedup, key)
+      local prev = seen[key] or mine[key]
+      if prev then
+        dups[i] = prev
+      else
+        prev = redis.call('HGET', DEDUP, key)
+        local till = redis.call('ZSCORE', DEDUPEXP, key)
+        if prev and till and tonumber(till) > now then dups[i] = prev; mine[key] = prev end
+      end
     end
-    local due = 0
-    if at > 0 then due = at elseif delay > 0 then due = now + delay end
-    if due > now then schedule(e, due) else pushready(e, false) end
+    if dups[i] == '' then
+      fresh = fresh + 1
+      if key ~= '' then mine[key] = idof(ARGV[base]) end
+    end
   end
-  out[#out + 1] = dups[i]
+  local full = false
+  local maxlen = policy().maxlen
+  if maxlen > 0 and fresh > 0 then
+    flushready()
+    local held = redis.call('LLEN', READY) + redis.call('ZCARD', DELAYED)
+    if held + fresh > maxlen then
+      out[#out + 1] = 'FULL'; out[#out + 1] = held; out[#out + 1] = maxlen
+      full = true
+    end
+  end
+  if not full then
+    for k, v in pairs(mine) do seen[k] = v end
+    out[#out + 1] = 'OK'; out[#out + 1] = created; out[#out + 1] = 0
+    local dueat = #out
+    for i = 1, n do
+      local base = first + (i - 1) * 5
+      local e, delay, at, ttl, key = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]),
+          tonumber(ARGV[base + 3]), ARGV[base + 4]
+      if dups[i] == '' then
+        if ttl > 0 then e = string.sub(e, 1, 16) .. be64(now + ttl) .. string.sub(e, 25) end
+        if key ~= '' then
+          redis.call('HSET', DEDUP, key, idof(e))
+          redis.call('ZADD', DEDUPEXP, now + policy().dedup, key)
+        end
+        typecount(e, 'enqueued', 1)
+        local due = 0
+        if at > 0 then due = at elseif delay > 0 then due = now + delay end
+        if due > now then
+          schedule(e, due)
+          if out[dueat] == 0 or due < out[dueat] then out[dueat] = due end
+        else
+          if RAW then e = payload(e) end
+          ready[#ready + 1] = e
+        end
+      end
+      out[#out + 1] = dups[i]
+    end
+    count('enqueued', fresh)
+    if created == 1 and fresh == 0 then redis.call('HSET', COUNTERS, 'enqueued', 0) end
+    created = 0
+  end
 end
-for i = 1, n do
-  if dups[i] == '' then typecount(ARGV[11 + (i - 1) * 5 + 1], 'enqueued', 1) end
-end
-count('enqueued', fresh)
-if created == 1 and fresh == 0 then redis.call('HSET', COUNTERS, 'enqueued', 0) end
-out[2] = mindue
+flushready()
 return out
 `)
 
@@ -382,35 +512,7 @@ return out
 //	KEYS standard   ARGV[11] COUNT   ARGV[12] lease duration in ms
 //	returns {remaining ready length (-1: paused), lease deadline ms, lid1, envelope1, ...}
 var claimScript = redis.NewScript(luaPrelude + `
-if redis.call('EXISTS', PAUSED) == 1 then return {-1, 0} end
-local els = redis.call('LPOP', READY, tonumber(ARGV[11]))
-local now = nowms()
-local deadline = now + tonumber(ARGV[12])
-if not els then return {0, deadline} end
-local out = {0, deadline}
-local h, z = {}, {}
-for i = 1, #els do
-  local e = els[i]
-  local raw = not (#e >= 40 and string.sub(e, 1, 4) == MAGIC)
-  local lid = string.format('%d', redis.call('INCR', SEQ))
-  if raw then
-    local id = 'raw-' .. lid
-    e = MAGIC .. be32(0) .. be64(now) .. be64(0) .. be16(0) .. be32(0) .. be32(0) ..
-        be16(#id) .. id .. be32(0) .. e
-  end
-  if raw or not expired(e, now) then
-    e = setdeliveries(e, deliveries(e) + 1)
-    h[#h + 1] = lid; h[#h + 1] = e
-    z[#z + 1] = deadline; z[#z + 1] = lid
-    out[#out + 1] = lid; out[#out + 1] = e
-  end
-end
-if #h > 0 then
-  redis.call('HSET', INFLIGHT, unpack(h))
-  redis.call('ZADD', LEASES, unpack(z))
-end
-out[1] = redis.call('LLEN', READY)
-return out
+return claimn(tonumber(ARGV[11]), tonumber(ARGV[12]))
 `)
 
 // popScript takes up to COUNT elements from the head of the ready list for
@@ -446,30 +548,24 @@ return out
 //	ARGV[13..] pairs: lease id, result ("" none, else "=" .. payload)
 //	returns one integer per lease id: 1 settled, 0 not in flight (stale token)
 var settleScript = redis.NewScript(luaPrelude + `
-local what, errtext = ARGV[11], ARGV[12]
-local now
-local out, n = {}, 0
-for i = 13, #ARGV, 2 do
-  local lid, res = ARGV[i], ARGV[i + 1]
-  local e = redis.call('HGET', INFLIGHT, lid)
-  if e then
-    redis.call('HDEL', INFLIGHT, lid)
-    redis.call('ZREM', LEASES, lid)
-    n = n + 1
-    typecount(e, what, 1)
-    if what == 'acked' and (res ~= '' or keepresult(e)) then
-      now = now or nowms()
-      record(e, 'S', string.sub(res, 2), '', now)
-    elseif what == 'nacked' and keepresult(e) then
-      now = now or nowms()
-      record(e, 'F', '', errtext, now)
-    end
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
-end
-count(what, n)
+return (settlelist(ARGV[11], ARGV[12], 13))
+`)
+
+// ackClaimScript acks lease ids like settleScript ("acked"), then claims
+// like claimScript EXTRA plus as many messages as it settled, at most MAX:
+// one round trip for a consumer that acks what it holds and wants as many
+// more.
+//
+//	KEYS standard   ARGV[11] EXTRA   ARGV[12] MAX   ARGV[13] lease ms
+//	ARGV[14..] pairs: lease id, result ("" none, else "=" .. payload)
+//	returns {number of lease ids k, k flags as settleScript, then the reply
+//	         of claimScript}
+var ackClaimScript = redis.NewScript(luaPrelude + `
+local flags, n = settlelist('acked', '', 14)
+local out = {#flags}
+for i = 1, #flags do out[#out + 1] = flags[i] end
+local c = claimn(math.min(tonumber(ARGV[11]) + n, tonumber(ARGV[12])), tonumber(ARGV[13]))
+for i = 1, #c do out[#out + 1] = c[i] end
 return out
 `)
 
@@ -666,6 +762,6 @@ return {'OK'}
 
 // allScripts lists every script, for loading them up front.
 var allScripts = []*redis.Script{
-	enqueueScript, claimScript, popScript, settleScript, nackScript, extendScript,
+	enqueueScript, claimScript, popScript, settleScript, ackClaimScript, nackScript, extendScript,
 	reapScript, promoteScript, purgeScript, replayScript, deleteDeadScript, deleteQueueScript,
 }
