@@ -729,6 +729,7 @@ func (s *Server) release(c *consumer) {
 // the response size limit (a standard gRPC client refuses messages over
 // 4 MiB by default). A single delivery always goes out alone if need be.
 func (s *Server) send(stream qbridgev1.QueueService_ConsumeServer, c *consumer, ls []broker.Lease) error {
+	ls = s.faultLose(c, ls)
 	ds := s.deliveries(c, ls)
 	for len(ds) > 0 {
 		n, size := 0, 0
@@ -983,6 +984,12 @@ func (s *Server) refillable(queue string, ts []ackToken) *consumer {
 func (s *Server) ackRefill(ctx context.Context, c *consumer, q string, ts []ackToken, res [][]byte) ([]bool, error) {
 	c.fill.Lock()
 	defer c.fill.Unlock()
+	if s.isDraining() {
+		// Draining began since refillable looked: take nothing more. (A
+		// drain that begins after this look waits for the fill lock, then
+		// takes back what this gives.)
+		return s.b.Ack(ctx, q, leaseIDs(ts), res)
+	}
 	// The credit now, and what the ack can add to it: the leases of ts that
 	// the stream still counts as held.
 	extra := max(c.credit(), 0)
