@@ -11,7 +11,7 @@ GRPCURL_VERSION            := v1.9.4
 GO_TEST_FLAGS ?=
 QBRIDGE_ARGS  ?=
 
-.PHONY: all run build test test-short bench bench-short generate lint checkgenerate tools clean
+.PHONY: all run build test test-short chaos bench bench-short generate lint checkgenerate tools clean
 
 all: build
 
@@ -28,6 +28,13 @@ test: $(BIN)/grpcurl
 
 test-short:
 	go test -race -count=1 -short ./...
+
+## chaos: the fault-injection suite at full size (go test ./chaos runs it shortened, as part of make test);
+## CHAOS_SOAK=30m adds a soak run of that length; summary lines go to chaos-results.txt
+chaos:
+	rm -f chaos-results.txt
+	CHAOS_FULL=1 CHAOS_SUMMARY=$(CURDIR)/chaos-results.txt go test -count=1 -timeout 120m ./chaos; \
+	status=$$?; cat chaos-results.txt; exit $$status
 
 ## bench: qbridge vs direct go-redis on a private redis-server (table on stdout, JSON in bench-results.json)
 bench:

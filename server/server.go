@@ -41,6 +41,9 @@ type Server struct {
 	rates    *rateSampler
 	// idleQueues holds the waits of dispatchers whose queue is empty.
 	idleQueues *idleQueues
+	// redisDown holds why Redis was last found unreachable (nil: it
+	// answers); see SetRedisDown.
+	redisDown atomic.Pointer[error]
 	known      sync.Map // queues registered in Redis by this process
 	waiters    resultWaiters
 
@@ -252,6 +255,27 @@ func (s *Server) idle() bool {
 // Ping checks Redis; the daemon's health service uses it.
 func (s *Server) Ping(ctx context.Context) error { return s.b.Ping(ctx) }
 
+// SetRedisDown records the outcome of a health check of Redis: while err is
+// not nil, Enqueue, EnqueueBatch and Publish fail at once with UNAVAILABLE
+// instead of waiting on a Redis that does not answer (a hung Redis would
+// otherwise hold each call until its deadline). Nil clears it.
+func (s *Server) SetRedisDown(err error) {
+	if err == nil {
+		s.redisDown.Store(nil)
+		return
+	}
+	s.redisDown.Store(&err)
+}
+
+// unreachable returns an UNAVAILABLE-mapped error while Redis is known to
+// be down.
+func (s *Server) unreachable() error {
+	if p := s.redisDown.Load(); p != nil {
+		return fmt.Errorf("%w: Redis did not answer the last health check (%v); retry later or on another instance", broker.ErrUnavailable, *p)
+	}
+	return nil
+}
+
 // Enqueue implements QueueService.Enqueue.
 func (s *Server) Enqueue(ctx context.Context, req *qbridgev1.EnqueueRequest) (*qbridgev1.EnqueueResponse, error) {
 	res, err := s.enqueue(ctx, req.GetQueue(), req.GetWaitForRoom(), []*qbridgev1.BatchMessage{{
@@ -287,6 +311,9 @@ func (s *Server) enqueue(ctx context.Context, queue string, waitForRoom bool, ms
 	}
 	if s.isDraining() {
 		return res, errShuttingDown
+	}
+	if err := s.unreachable(); err != nil {
+		return res, err
 	}
 	raw := s.b.IsRaw(queue)
 	out := make([]broker.NewMessage, len(msgs))
@@ -435,6 +462,9 @@ func (s *Server) Publish(ctx context.Context, req *qbridgev1.PublishRequest) (*q
 	}
 	if s.isDraining() {
 		return nil, toStatus(errShuttingDown)
+	}
+	if err := s.unreachable(); err != nil {
+		return nil, toStatus(err)
 	}
 	n, err := s.b.Publish(ctx, req.GetChannel(), req.GetPayload())
 	if err != nil {

@@ -321,6 +321,10 @@ func (c *Config) redisOptions() (*redis.Options, error) {
 	if c.RedisDB >= 0 {
 		opts.DB = c.RedisDB
 	}
+	// Honour each call's deadline on the socket too: without this a hung
+	// Redis holds a command for the whole read timeout, whatever the
+	// caller's deadline (and the 1 s health ping would not notice it).
+	opts.ContextTimeoutEnabled = true
 	return opts, nil
 }
 

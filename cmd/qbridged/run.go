@@ -78,7 +78,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			log.Info("embedded in-memory engine stopped")
 		}()
 		log.Warn(embeddedWarning, "engine_addr", mr.Addr())
-		opts = &redis.Options{Addr: mr.Addr(), DB: max(cfg.RedisDB, 0)}
+		opts = &redis.Options{Addr: mr.Addr(), DB: max(cfg.RedisDB, 0), ContextTimeoutEnabled: true}
 	} else {
 		if opts, err = cfg.redisOptions(); err != nil {
 			return err
@@ -332,6 +332,7 @@ func (h *healthWatch) check(ctx context.Context) {
 		return
 	}
 	serving := err == nil
+	h.srv.SetRedisDown(err)
 	st := healthpb.HealthCheckResponse_NOT_SERVING
 	if serving {
 		st = healthpb.HealthCheckResponse_SERVING
