@@ -44,8 +44,8 @@ type Server struct {
 	// redisDown holds why Redis was last found unreachable (nil: it
 	// answers); see SetRedisDown.
 	redisDown atomic.Pointer[error]
-	known      sync.Map // queues registered in Redis by this process
-	waiters    resultWaiters
+	known     sync.Map // queues registered in Redis by this process
+	waiters   resultWaiters
 
 	draining    chan struct{} // closed: refuse new work, stop claiming
 	stopStreams chan struct{} // closed: end every stream now
