@@ -171,18 +171,36 @@ func (h *hub) fanOut(m *redis.Message) {
 			continue // not subscribed yet: this was published before
 		}
 		if sub.bytes+len(msg.Payload) > h.s.opts.subscriberBytes && len(sub.msgs) > 0 {
-			sub.overflowed = true
-			close(sub.overflow)
+			h.cutOffLocked(sub)
 			continue
 		}
 		select {
 		case sub.msgs <- msg:
 			sub.bytes += len(msg.Payload)
 		default:
-			sub.overflowed = true
-			close(sub.overflow)
+			h.cutOffLocked(sub)
 		}
 	}
+}
+
+// cutOffLocked ends a subscriber that overflowed its buffer. It lets go of
+// everything at once: its subscriptions (UNSUBSCRIBE when it was the last
+// on a name) and its buffered messages, even while its stream is blocked
+// sending to a client that reads nothing; the stream then ends with
+// RESOURCE_EXHAUSTED when its handler gets to it.
+func (h *hub) cutOffLocked(sub *subscriber) {
+	sub.overflowed = true
+	close(sub.overflow)
+	h.removeLocked(sub) // removing while fanOut ranges over members is fine
+	for {
+		select {
+		case <-sub.msgs:
+			continue
+		default:
+		}
+		break
+	}
+	sub.bytes = 0
 }
 
 // add registers sub and sends its SUBSCRIBE and PSUBSCRIBE.
@@ -338,6 +356,10 @@ func (s *Server) Subscribe(req *qbridgev1.SubscribeRequest, stream qbridgev1.Que
 		select {
 		case m := <-sub.msgs:
 			s.hub.mu.Lock()
+			if sub.overflowed {
+				s.hub.mu.Unlock()
+				continue // cut off: the overflow case ends the stream
+			}
 			sub.bytes -= len(m.Payload)
 			s.hub.mu.Unlock()
 			if err := stream.Send(&qbridgev1.SubscribeResponse{Event: &qbridgev1.SubscribeResponse_Message{Message: m}}); err != nil {
