@@ -51,7 +51,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&cfg.RedisDB, "redis-db", 0, "Redis database (use a dedicated one with -redis-addr)")
 	fs.StringVar(&cfg.KeyPrefix, "key-prefix", "qbench:", "prefix of every key the harness writes")
 	fs.StringVar(&cfg.QbridgeAddr, "qbridge-addr", "", "benchmark this qbridge server instead of an in-process one (it must use the same Redis as -redis-addr)")
-	fs.DurationVar(&cfg.Duration, "duration", time.Second, "measured time of each run of each scenario side")
+	fs.DurationVar(&cfg.Duration, "duration", 800*time.Millisecond, "measured time of each run of each scenario side")
 	fs.DurationVar(&cfg.Warmup, "warmup", 300*time.Millisecond, "warm-up before each scenario side (excluded)")
 	fs.IntVar(&cfg.Repeat, "repeat", 3, "measured runs per scenario side (min/median/max reported)")
 	fs.IntVar(&cfg.IdleStreams, "idle-streams", 10000, "idle Consume streams, and as many idle Subscribe streams (0: skip)")
