@@ -430,3 +430,46 @@ func (c *child) next(within time.Duration) (string, error) {
 		return "", errTimeout
 	}
 }
+
+// procStat is what /proc says about a process at one moment (the chaos
+// cases watch qbridged's memory, threads and descriptors with it).
+type procStat struct {
+	RSS     int64 // VmRSS, bytes
+	HWM     int64 // VmHWM (peak RSS since start or the last reset), bytes
+	Threads int
+	FDs     int
+}
+
+func readProcStat(pid int) (procStat, error) {
+	var s procStat
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return s, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(v)
+		if len(f) == 0 {
+			continue
+		}
+		n, _ := strconv.ParseInt(f[0], 10, 64)
+		switch k {
+		case "VmRSS":
+			s.RSS = n << 10
+		case "VmHWM":
+			s.HWM = n << 10
+		case "Threads":
+			s.Threads = int(n)
+		}
+	}
+	if fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid)); err == nil {
+		s.FDs = len(fds)
+	}
+	if s.RSS == 0 {
+		return s, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
+	}
+	return s, nil
+}

@@ -348,39 +348,13 @@ func (p lcProc) String() string {
 	return fmt.Sprintf("rss=%.1fMB threads=%d fds=%d", float64(p.rssKB)/1024, p.threads, p.fds)
 }
 
-// lcProbe reads VmRSS and Threads from /proc/<pid>/status and counts the
-// open descriptors in /proc/<pid>/fd.
+// lcProbe reads RSS, threads and open descriptors (readProcStat).
 func lcProbe(pid int) (lcProc, error) {
-	var p lcProc
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return p, err
+	st, err := readProcStat(pid)
+	if err == nil && st.Threads == 0 {
+		err = fmt.Errorf("no Threads in /proc/%d/status", pid)
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		f := strings.Fields(v)
-		if len(f) == 0 {
-			continue
-		}
-		switch k {
-		case "VmRSS":
-			p.rssKB, _ = strconv.Atoi(f[0])
-		case "Threads":
-			p.threads, _ = strconv.Atoi(f[0])
-		}
-	}
-	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-	if err != nil {
-		return p, err
-	}
-	p.fds = len(ents)
-	if p.rssKB == 0 || p.threads == 0 {
-		return p, fmt.Errorf("no VmRSS/Threads in /proc/%d/status", pid)
-	}
-	return p, nil
+	return lcProc{rssKB: int(st.RSS >> 10), threads: st.Threads, fds: st.FDs}, err
 }
 
 // lcSampler probes a process periodically.

@@ -42,51 +42,9 @@ const resMiBytes = 1 << 20
 
 // ---- process resources (/proc) ----
 
-// resStat is what /proc says about a process at one moment.
-type resStat struct {
-	RSS     int64 // VmRSS, bytes
-	HWM     int64 // VmHWM (peak RSS since start or the last resResetPeak), bytes
-	Threads int
-	FDs     int
-}
-
-func resReadStat(pid int) (resStat, error) {
-	var s resStat
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return s, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		f := strings.Fields(v)
-		if len(f) == 0 {
-			continue
-		}
-		n, _ := strconv.ParseInt(f[0], 10, 64)
-		switch k {
-		case "VmRSS":
-			s.RSS = n << 10
-		case "VmHWM":
-			s.HWM = n << 10
-		case "Threads":
-			s.Threads = int(n)
-		}
-	}
-	if fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid)); err == nil {
-		s.FDs = len(fds)
-	}
-	if s.RSS == 0 {
-		return s, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
-	}
-	return s, nil
-}
-
-func resMustStat(t testing.TB, d *daemon) resStat {
+func resMustStat(t testing.TB, d *daemon) procStat {
 	t.Helper()
-	s, err := resReadStat(d.PID())
+	s, err := readProcStat(d.PID())
 	if err != nil {
 		t.Fatalf("reading qbridged's /proc status: %v", err)
 	}
@@ -151,8 +109,8 @@ type resSampler struct {
 	done chan struct{}
 
 	mu       sync.Mutex
-	max      resStat
-	last     resStat
+	max      procStat
+	last     procStat
 	winSum   float64
 	winN     int
 	winMax   int64
@@ -180,7 +138,7 @@ func resStartSampler(t testing.TB, d *daemon, every time.Duration) *resSampler {
 }
 
 func (s *resSampler) sample() {
-	st, err := resReadStat(s.pid)
+	st, err := readProcStat(s.pid)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {
@@ -198,7 +156,7 @@ func (s *resSampler) sample() {
 }
 
 // Stop ends sampling (idempotent) and returns the maxima.
-func (s *resSampler) Stop() resStat {
+func (s *resSampler) Stop() procStat {
 	select {
 	case <-s.stop:
 	default:
@@ -212,7 +170,7 @@ func (s *resSampler) Stop() resStat {
 
 // Max returns the maxima so far: the peak is the larger of the sampled
 // VmRSS and the kernel's VmHWM.
-func (s *resSampler) Max() resStat {
+func (s *resSampler) Max() procStat {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.max
@@ -220,7 +178,7 @@ func (s *resSampler) Max() resStat {
 
 // window returns the mean and the largest RSS sampled since the previous
 // call, the latest sample, and starts a new window.
-func (s *resSampler) window() (mean, peak int64, last resStat) {
+func (s *resSampler) window() (mean, peak int64, last procStat) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.winN > 0 {
@@ -233,7 +191,7 @@ func (s *resSampler) window() (mean, peak int64, last resStat) {
 
 // peak is the highest RSS the process reached: its VmHWM (exact, kept by
 // the kernel) or, if larger, the highest sample.
-func (st resStat) peak() int64 { return max(st.RSS, st.HWM) }
+func (st procStat) peak() int64 { return max(st.RSS, st.HWM) }
 
 // ---- Redis connections (CLIENT LIST) ----
 
@@ -1147,10 +1105,10 @@ func TestRandomCancellations(t *testing.T) {
 	// Every client has gone: qbridged serves no connection, and its
 	// descriptors beyond its Redis connections (the listener, the
 	// runtime's own) are as many as before.
-	var afterStat resStat
+	var afterStat procStat
 	var clients int
 	fdsSettled := waitFor(10*time.Second, func() bool {
-		st, err := resReadStat(d.PID())
+		st, err := readProcStat(d.PID())
 		afterStat = st
 		c, err2 := resDaemonConns(bg, rdb)
 		n, err3 := resClientConns(d.PID(), d.Addr)
@@ -1339,7 +1297,7 @@ func TestOversizedPayloads(t *testing.T) {
 	sizesTime := time.Since(start)
 	sizePeak := sampler.Max()
 	if peakReset {
-		if st, err := resReadStat(d.PID()); err == nil {
+		if st, err := readProcStat(d.PID()); err == nil {
 			sizePeak.HWM = st.HWM
 		}
 	}

@@ -205,6 +205,24 @@ func (e *QueueFullError) Error() string {
 // informational) and the enqueue time becomes the time of first delivery.
 // A delayed message is stored as an envelope until it is due.
 func (b *Broker) EnqueueMany(ctx context.Context, queue string, msgs []NewMessage) (EnqueueResult, error) {
+	c := newEnqueueCall(ctx, queue, msgs)
+	if b.enqueues == nil {
+		b.flushEnqueues([]*enqueueCall{c})
+	} else {
+		b.enqueues.submit(c)
+	}
+	select {
+	case <-c.done:
+	case <-ctx.Done():
+		// Sent or not, the outcome is no longer the caller's to see.
+		return EnqueueResult{}, wrap(ctx.Err(), "enqueue to %q", queue)
+	}
+	return c.res, c.err
+}
+
+// newEnqueueCall encodes msgs into a call for the enqueue coalescer,
+// assigning ids where none is given.
+func newEnqueueCall(ctx context.Context, queue string, msgs []NewMessage) *enqueueCall {
 	c := &enqueueCall{
 		ctx: ctx, queue: queue, n: len(msgs), done: make(chan struct{}),
 		res:  EnqueueResult{IDs: make([]string, len(msgs)), Duplicate: make([]bool, len(msgs))},
@@ -227,18 +245,7 @@ func (b *Broker) EnqueueMany(ctx context.Context, queue string, msgs []NewMessag
 		c.bytes += len(el)
 		c.args = append(c.args, el, m.Delay.Milliseconds(), at, m.TTL.Milliseconds(), m.DedupKey)
 	}
-	if b.enqueues == nil {
-		b.flushEnqueues([]*enqueueCall{c})
-	} else {
-		b.enqueues.submit(c)
-	}
-	select {
-	case <-c.done:
-	case <-ctx.Done():
-		// Sent or not, the outcome is no longer the caller's to see.
-		return EnqueueResult{}, wrap(ctx.Err(), "enqueue to %q", queue)
-	}
-	return c.res, c.err
+	return c
 }
 
 func newID() string {

@@ -80,34 +80,6 @@ func cmdCalls(t *testing.T, rdb *redis.Client, cmd string) int {
 	return 0
 }
 
-// newEnqueueCall builds an enqueueCall exactly as EnqueueMany does, so that
-// tests can hand several of them to flushEnqueues as one merged flush.
-func newEnqueueCall(ctx context.Context, queue string, msgs []NewMessage) *enqueueCall {
-	c := &enqueueCall{
-		ctx: ctx, queue: queue, n: len(msgs), done: make(chan struct{}),
-		res:  EnqueueResult{IDs: make([]string, len(msgs)), Duplicate: make([]bool, len(msgs))},
-		args: make([]any, 0, 5*len(msgs)),
-	}
-	now := time.Now().UnixMilli()
-	for i, m := range msgs {
-		c.res.IDs[i] = m.ID
-		if c.res.IDs[i] == "" {
-			c.res.IDs[i] = newID()
-		}
-		el := encodeEnvelope(&Message{
-			ID: c.res.IDs[i], EnqueuedAt: now, Headers: m.Headers, Payload: m.Payload, TaskType: m.TaskType, KeepResult: m.KeepResult,
-			MaxAttempts: uint16(m.MaxAttempts), BackoffMin: uint32(m.BackoffMin.Milliseconds()), BackoffMax: uint32(m.BackoffMax.Milliseconds()),
-		})
-		var at int64
-		if !m.DeliverAt.IsZero() {
-			at = m.DeliverAt.UnixMilli()
-		}
-		c.bytes += len(el)
-		c.args = append(c.args, el, m.Delay.Milliseconds(), at, m.TTL.Milliseconds(), m.DedupKey)
-	}
-	return c
-}
-
 // msgs builds n messages with ids prefix-0, prefix-1, ... (payload = id).
 func msgs(prefix string, n int) []NewMessage {
 	out := make([]NewMessage, n)
