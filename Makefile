@@ -11,7 +11,7 @@ GRPCURL_VERSION            := v1.9.4
 GO_TEST_FLAGS ?=
 QBRIDGE_ARGS  ?=
 
-.PHONY: all run build test test-short chaos bench bench-short generate lint checkgenerate tools clean
+.PHONY: all run build test test-short chaos client-tools bench bench-short generate lint checkgenerate tools clean
 
 all: build
 
@@ -44,9 +44,22 @@ bench:
 bench-short:
 	go run ./cmd/qbench -short $(QBENCH_ARGS)
 
-## generate: regenerate gen/ from proto/
+## generate: regenerate gen/ from proto/ (Go with pinned buf plugins; Python with Debian's
+## protoc 3.21 and grpc_python_plugin 1.51, which `make client-tools` installs)
 generate: $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc
 	$(BIN)/buf generate
+	@command -v protoc >/dev/null && command -v grpc_python_plugin >/dev/null || { echo "protoc or grpc_python_plugin missing: run 'make client-tools'"; exit 1; }
+	$(BIN)/buf generate --template buf.gen.python.yaml
+
+## client-tools: the toolchains of the generated clients and their tests (Debian packages)
+client-tools:
+	@if command -v protoc >/dev/null && command -v grpc_python_plugin >/dev/null && /usr/bin/python3 -c 'import grpc, google.protobuf' 2>/dev/null; then \
+		echo "client tools present"; \
+	else \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf; \
+	fi
 
 ## lint: buf lint + buf format check + go vet + generated code up to date
 lint: $(BIN)/buf checkgenerate

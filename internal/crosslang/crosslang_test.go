@@ -1,0 +1,252 @@
+// Package crosslang runs the generated-code clients of other languages
+// against a live qbridged on real Redis, next to Go clients.
+package crosslang
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
+	"github.com/qbridge/qbridge/internal/redistest"
+)
+
+// RequireEnv makes a missing client toolchain fail the tests instead of
+// skipping them (CI sets it).
+const RequireEnv = "QBRIDGE_REQUIRE_CLIENTS"
+
+func repoRoot() string {
+	_, f, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(f), "..", "..")
+}
+
+func needPython(t *testing.T) {
+	t.Helper()
+	if err := exec.Command("/usr/bin/python3", "-c", "import grpc, google.protobuf").Run(); err != nil {
+		if os.Getenv(RequireEnv) == "1" {
+			t.Fatalf("python3 with grpcio and protobuf is missing and %s=1: run 'make client-tools'", RequireEnv)
+		}
+		t.Skip("SKIPPING: python3-grpcio / python3-protobuf missing (run 'make client-tools'; CI sets " + RequireEnv + "=1 to fail instead)")
+	}
+}
+
+// service starts a private redis-server and a qbridged on loopback.
+func service(t *testing.T) (addr string, qc qbridgev1.QueueServiceClient) {
+	t.Helper()
+	rs := redistest.Start(t)
+	bin := filepath.Join(t.TempDir(), "qbridged")
+	build := exec.Command("go", "build", "-o", bin, "github.com/qbridge/qbridge/cmd/qbridged")
+	build.Dir = repoRoot()
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build qbridged: %v\n%s", err, out)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr = l.Addr().String()
+	l.Close()
+	cmd := exec.Command(bin, "--listen", addr, "--redis-url", rs.URL(0), "--log-level", "warn")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	hc := healthpb.NewHealthClient(cc)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+		cancel()
+		if err == nil && r.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("qbridged on %s not serving: %v", addr, err)
+		}
+		time.Sleep(50 * time.Millisecond) // poll interval
+	}
+	return addr, qbridgev1.NewQueueServiceClient(cc)
+}
+
+// python runs the driver script in mode and returns its stdout lines as
+// they come.
+func python(t *testing.T, ctx context.Context, mode, addr string, args ...string) (<-chan string, func() error) {
+	t.Helper()
+	script := filepath.Join(repoRoot(), "clients", "python", "tests", "xlang.py")
+	cmd := exec.CommandContext(ctx, "/usr/bin/python3", append([]string{script, mode, addr}, args...)...)
+	cmd.Env = append(os.Environ(), "PYTHONDONTWRITEBYTECODE=1")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 1024)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	return lines, func() error {
+		<-done
+		if err := cmd.Wait(); err != nil {
+			return fmt.Errorf("python %s: %v\n%s", mode, err, stderr.String())
+		}
+		return nil
+	}
+}
+
+func next(t *testing.T, lines <-chan string) string {
+	t.Helper()
+	select {
+	case l, ok := <-lines:
+		if !ok {
+			t.Fatal("python exited early")
+		}
+		return l
+	case <-time.After(20 * time.Second):
+		t.Fatal("no output from python within 20s")
+	}
+	return ""
+}
+
+func recvOne(t *testing.T, st qbridgev1.QueueService_ConsumeClient) *qbridgev1.Delivery {
+	t.Helper()
+	r, err := st.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.GetDeliveries()) != 1 {
+		t.Fatalf("%d deliveries in one response with max_in_flight 1", len(r.GetDeliveries()))
+	}
+	return r.GetDeliveries()[0]
+}
+
+func TestPython(t *testing.T) {
+	needPython(t)
+	addr, qc := service(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	t.Run("python produces, Go consumes", func(t *testing.T) {
+		lines, wait := python(t, ctx, "produce", addr, "py-to-go", "5")
+		var ids []string
+		for l := range lines {
+			ids = append(ids, strings.TrimPrefix(l, "id "))
+		}
+		if err := wait(); err != nil {
+			t.Fatal(err)
+		}
+		if len(ids) != 5 {
+			t.Fatalf("python enqueued %d; want 5", len(ids))
+		}
+		st, err := qc.Consume(ctx, &qbridgev1.ConsumeRequest{Queue: "py-to-go", MaxInFlight: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, id := range ids {
+			d := recvOne(t, st)
+			if d.GetId() != id || string(d.GetPayload()) != fmt.Sprintf("py-%d", i) || d.GetHeaders()["lang"] != "python" {
+				t.Fatalf("delivery %d: %v; want id %s, payload py-%d, header lang=python", i, d, id, i)
+			}
+			if _, err := qc.Ack(ctx, &qbridgev1.AckRequest{AckTokens: []string{d.GetAckToken()}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+
+	t.Run("a python consumer that leaves without acking: redelivered", func(t *testing.T) {
+		r, err := qc.Enqueue(ctx, &qbridgev1.EnqueueRequest{Queue: "py-leave", Payload: []byte("once")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines, wait := python(t, ctx, "take-and-leave", addr, "py-leave")
+		got := next(t, lines)
+		if want := "took " + r.GetId() + " 1 once"; got != want {
+			t.Fatalf("python: %q; want %q", got, want)
+		}
+		if err := wait(); err != nil {
+			t.Fatal(err)
+		}
+		st, err := qc.Consume(ctx, &qbridgev1.ConsumeRequest{Queue: "py-leave", MaxInFlight: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := recvOne(t, st)
+		if d.GetId() != r.GetId() || d.GetAttempt() != 2 {
+			t.Fatalf("after python left: %v; want id %s attempt 2", d, r.GetId())
+		}
+	})
+
+	t.Run("error codes in python", func(t *testing.T) {
+		lines, wait := python(t, ctx, "bad-queue", addr)
+		if got := next(t, lines); got != "error InvalidArgument INVALID_ARGUMENT" {
+			t.Fatalf("python saw %q; want the InvalidArgument exception", got)
+		}
+		if err := wait(); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("Go publishes, python subscribes", func(t *testing.T) {
+		lines, wait := python(t, ctx, "subscribe", addr, "go-to-py", "3")
+		if got := next(t, lines); got != "subscribed" {
+			t.Fatalf("python: %q; want subscribed", got)
+		}
+		for i := 0; i < 3; i++ {
+			r, err := qc.Publish(ctx, &qbridgev1.PublishRequest{Channel: "go-to-py", Payload: []byte(fmt.Sprintf("m%d", i))})
+			if err != nil || r.GetReceivers() != 1 {
+				t.Fatalf("publish: %v, %v receivers; want 1", err, r.GetReceivers())
+			}
+		}
+		for i := 0; i < 3; i++ {
+			if got, want := next(t, lines), fmt.Sprintf("msg go-to-py m%d", i); got != want {
+				t.Fatalf("python: %q; want %q", got, want)
+			}
+		}
+		if err := wait(); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("the prodcons example", func(t *testing.T) {
+		script := filepath.Join(repoRoot(), "clients", "python", "examples", "prodcons.py")
+		out, err := exec.CommandContext(ctx, "/usr/bin/python3", script, "produce", "--addr", addr, "--count", "3").CombinedOutput()
+		if err != nil {
+			t.Fatalf("produce: %v\n%s", err, out)
+		}
+		out, err = exec.CommandContext(ctx, "/usr/bin/python3", script, "work", "--addr", addr, "--count", "3").CombinedOutput()
+		if err != nil {
+			t.Fatalf("work: %v\n%s", err, out)
+		}
+		for i := 0; i < 3; i++ {
+			if !strings.Contains(string(out), fmt.Sprintf("job %d attempt 1", i)) {
+				t.Fatalf("worker output lacks job %d:\n%s", i, out)
+			}
+		}
+	})
+}
