@@ -45,13 +45,17 @@ bench-short:
 	go run ./cmd/qbench -short $(QBENCH_ARGS)
 
 ## generate: regenerate gen/ from proto/ (Go with pinned buf plugins; Python with Debian's
-## protoc 3.21 and grpc_python_plugin 1.51, which `make client-tools` installs)
+## protoc 3.21 and grpc_python_plugin 1.51; JavaScript with protoc-gen-es from package.json;
+## `make client-tools` installs the last two)
 generate: $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc
 	$(BIN)/buf generate
 	@command -v protoc >/dev/null && command -v grpc_python_plugin >/dev/null || { echo "protoc or grpc_python_plugin missing: run 'make client-tools'"; exit 1; }
 	$(BIN)/buf generate --template buf.gen.python.yaml
+	@test -x node_modules/.bin/protoc-gen-es || { echo "node_modules/.bin/protoc-gen-es missing: run 'make client-tools'"; exit 1; }
+	$(BIN)/buf generate --template buf.gen.node.yaml
 
-## client-tools: the toolchains of the generated clients and their tests (Debian packages)
+## client-tools: the toolchains of the generated clients and their tests (Debian packages, and
+## the npm packages pinned in package-lock.json into node_modules)
 client-tools:
 	@if command -v protoc >/dev/null && command -v grpc_python_plugin >/dev/null && /usr/bin/python3 -c 'import grpc, google.protobuf' 2>/dev/null; then \
 		echo "client tools present"; \
@@ -60,6 +64,8 @@ client-tools:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf; \
 	fi
+	@command -v npm >/dev/null || { echo "npm missing: install Node.js 18+ (apt-get install -y nodejs npm)"; exit 1; }
+	npm ci --no-audit --no-fund
 
 ## lint: buf lint + buf format check + go vet + generated code up to date
 lint: $(BIN)/buf checkgenerate

@@ -85,12 +85,24 @@ func service(t *testing.T) (addr string, qc qbridgev1.QueueServiceClient) {
 	return addr, qbridgev1.NewQueueServiceClient(cc)
 }
 
-// python runs the driver script in mode and returns its stdout lines as
-// they come.
+// python runs the Python driver script in mode and returns its stdout
+// lines as they come, and a function that waits for it to exit.
 func python(t *testing.T, ctx context.Context, mode, addr string, args ...string) (<-chan string, func() error) {
 	t.Helper()
 	script := filepath.Join(repoRoot(), "clients", "python", "tests", "xlang.py")
-	cmd := exec.CommandContext(ctx, "/usr/bin/python3", append([]string{script, mode, addr}, args...)...)
+	return start(t, ctx, "/usr/bin/python3", append([]string{script, mode, addr}, args...)...)
+}
+
+// node runs the Node driver script likewise.
+func node(t *testing.T, ctx context.Context, mode, addr string, args ...string) (<-chan string, func() error) {
+	t.Helper()
+	script := filepath.Join(repoRoot(), "clients", "node", "tests", "xlang.mjs")
+	return start(t, ctx, "node", append([]string{script, mode, addr}, args...)...)
+}
+
+func start(t *testing.T, ctx context.Context, bin string, argv ...string) (<-chan string, func() error) {
+	t.Helper()
+	cmd := exec.CommandContext(ctx, bin, argv...)
 	cmd.Env = append(os.Environ(), "PYTHONDONTWRITEBYTECODE=1")
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
@@ -114,9 +126,21 @@ func python(t *testing.T, ctx context.Context, mode, addr string, args ...string
 	return lines, func() error {
 		<-done
 		if err := cmd.Wait(); err != nil {
-			return fmt.Errorf("python %s: %v\n%s", mode, err, stderr.String())
+			return fmt.Errorf("%s %v: %v\n%s", filepath.Base(bin), argv, err, stderr.String())
 		}
 		return nil
+	}
+}
+
+func needNode(t *testing.T) {
+	t.Helper()
+	_, errNode := exec.LookPath("node")
+	_, errMods := os.Stat(filepath.Join(repoRoot(), "node_modules", "@connectrpc", "connect-node"))
+	if errNode != nil || errMods != nil {
+		if os.Getenv(RequireEnv) == "1" {
+			t.Fatalf("node or the npm packages are missing and %s=1: run 'make client-tools'", RequireEnv)
+		}
+		t.Skip("SKIPPING: node or node_modules missing (run 'make client-tools'; CI sets " + RequireEnv + "=1 to fail instead)")
 	}
 }
 
@@ -246,6 +270,96 @@ func TestPython(t *testing.T) {
 		for i := 0; i < 3; i++ {
 			if !strings.Contains(string(out), fmt.Sprintf("job %d attempt 1", i)) {
 				t.Fatalf("worker output lacks job %d:\n%s", i, out)
+			}
+		}
+	})
+}
+
+func TestNode(t *testing.T) {
+	needNode(t)
+	addr, qc := service(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	t.Run("Go produces, node consumes with ack", func(t *testing.T) {
+		var ids []string
+		for i := 0; i < 5; i++ {
+			r, err := qc.Enqueue(ctx, &qbridgev1.EnqueueRequest{Queue: "go-to-node", Payload: []byte(fmt.Sprintf("go-%d", i))})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ids = append(ids, r.GetId())
+		}
+		lines, wait := node(t, ctx, "consume-ack", addr, "go-to-node", "5")
+		for i, id := range ids {
+			if got, want := next(t, lines), fmt.Sprintf("acked %s 1 go-%d", id, i); got != want {
+				t.Fatalf("node: %q; want %q", got, want)
+			}
+		}
+		if err := wait(); err != nil {
+			t.Fatal(err)
+		}
+		st, err := qc.GetQueueStats(ctx, &qbridgev1.GetQueueStatsRequest{Queue: "go-to-node"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.GetReady() != 0 || st.GetInFlight() != 0 || st.GetCounters().GetAcked() != 5 {
+			t.Fatalf("after node acked: ready %d in flight %d acked %d; want 0, 0, 5", st.GetReady(), st.GetInFlight(), st.GetCounters().GetAcked())
+		}
+	})
+
+	t.Run("node publishes, python subscribes", func(t *testing.T) {
+		needPython(t)
+		sub, waitSub := python(t, ctx, "subscribe", addr, "node-to-py", "3")
+		if got := next(t, sub); got != "subscribed" {
+			t.Fatalf("python: %q; want subscribed", got)
+		}
+		pub, waitPub := node(t, ctx, "publish", addr, "node-to-py", "3")
+		for i := 0; i < 3; i++ {
+			if got := next(t, pub); got != "receivers 1" {
+				t.Fatalf("node publish %d: %q; want receivers 1", i, got)
+			}
+		}
+		if err := waitPub(); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 3; i++ {
+			if got, want := next(t, sub), fmt.Sprintf("msg node-to-py node-%d", i); got != want {
+				t.Fatalf("python: %q; want %q", got, want)
+			}
+		}
+		if err := waitSub(); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("error codes in node", func(t *testing.T) {
+		lines, wait := node(t, ctx, "bad-queue", addr)
+		if got := next(t, lines); got != "error true InvalidArgument" {
+			t.Fatalf("node saw %q; want a QbridgeError with code InvalidArgument", got)
+		}
+		if err := wait(); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("the pubsub example", func(t *testing.T) {
+		script := filepath.Join(repoRoot(), "clients", "node", "examples", "pubsub.mjs")
+		t.Setenv("QBRIDGE_ADDR", addr) // the example's address; start passes the environment on
+		sub, waitSub := start(t, ctx, "node", script, "subscribe", "news", "1")
+		if got := next(t, sub); got != "subscribed" {
+			t.Fatalf("subscriber: %q; want subscribed", got)
+		}
+		pub, waitPub := start(t, ctx, "node", script, "publish", "news", "hello")
+		if got := next(t, pub); got != "receivers 1" {
+			t.Fatalf("publisher: %q; want receivers 1", got)
+		}
+		if got := next(t, sub); got != "news hello" {
+			t.Fatalf("subscriber: %q; want news hello", got)
+		}
+		for _, w := range []func() error{waitPub, waitSub} {
+			if err := w(); err != nil {
+				t.Fatal(err)
 			}
 		}
 	})
