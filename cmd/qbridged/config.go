@@ -21,6 +21,9 @@ import (
 // by its command-line flag.
 type Config struct {
 	Listen           string
+	TLSCert          string
+	TLSKey           string
+	TLSClientCA      string
 	RedisURL         string
 	RedisDB          int
 	KeyPrefix        string
@@ -79,6 +82,15 @@ var flagDefs = []flagDef{
 	{"listen", "host:port", "127.0.0.1:7070",
 		"gRPC listen address. Port 0 picks a free port (the log says which).",
 		func(c *Config) flag.Value { return (*stringValue)(&c.Listen) }},
+	{"tls-cert", "file", "",
+		"PEM certificate (chain) of the gRPC listener; with --tls-key, the listener speaks TLS only. New files are picked up on SIGHUP or within a second of changing; open streams keep theirs.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.TLSCert) }},
+	{"tls-key", "file", "",
+		"PEM private key of --tls-cert.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.TLSKey) }},
+	{"tls-client-ca", "file", "",
+		"PEM CA certificates for mutual TLS: clients must present a certificate signed by one of them (needs --tls-cert).",
+		func(c *Config) flag.Value { return (*stringValue)(&c.TLSClientCA) }},
 	{"redis-url", "url", "",
 		"Redis to use: redis://[user:password@]host:port[/db], rediss:// for TLS, or unix:///path/to/redis.sock[?db=N]. Empty starts an embedded in-memory engine for development: nothing is durable.",
 		func(c *Config) flag.Value { return (*stringValue)(&c.RedisURL) }},
@@ -205,6 +217,12 @@ func (c *Config) validate() error {
 	bad := func(name, format string, args ...any) {
 		d := lookupFlag(name)
 		errs = append(errs, fmt.Sprintf("--%s (%s) %s", name, d.envVar(), fmt.Sprintf(format, args...)))
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		bad("tls-cert", "and --tls-key go together; give both or neither")
+	}
+	if c.TLSClientCA != "" && c.TLSCert == "" {
+		bad("tls-client-ca", "needs --tls-cert and --tls-key (mutual TLS is TLS first)")
 	}
 	if c.Listen == "" {
 		bad("listen", "is empty; give host:port, e.g. 127.0.0.1:7070")

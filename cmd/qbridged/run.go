@@ -8,8 +8,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"os/signal"
 	"runtime/debug"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/alicebob/miniredis/v2"
@@ -18,6 +21,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -137,7 +141,30 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		log.Info("queue service stopped")
 	}()
 
-	gs := newGRPCServer(cfg, log)
+	var creds []grpc.ServerOption
+	if cfg.TLSCert != "" {
+		files, err := newTLSFiles(cfg, log)
+		if err != nil {
+			return err
+		}
+		creds = append(creds, grpc.Creds(credentials.NewTLS(files.config())))
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		hupCtx, stopHup := context.WithCancel(context.Background())
+		defer stopHup()
+		go func() {
+			for {
+				select {
+				case <-hup:
+					files.reload()
+				case <-hupCtx.Done():
+					return
+				}
+			}
+		}()
+	}
+	gs := newGRPCServer(cfg, log, creds...)
 	defer gs.Stop() // a no-op after the graceful stop below
 	qbridgev1.RegisterQueueServiceServer(gs, srv)
 	qbridgev1.RegisterAdminServiceServer(gs, srv.Admin())
@@ -164,7 +191,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return fmt.Errorf("listen on %s (--listen): %w", cfg.Listen, err)
 	}
-	log.Info("qbridge listening", "grpc", ln.Addr().String())
+	security := "plaintext"
+	switch {
+	case cfg.TLSClientCA != "":
+		security = "mutual TLS"
+	case cfg.TLSCert != "":
+		security = "TLS"
+	}
+	log.Info("qbridge listening", "grpc", ln.Addr().String(), "transport", security)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- gs.Serve(ln) }()
 
@@ -246,9 +280,9 @@ func newLogger(cfg *Config, w io.Writer) *slog.Logger {
 
 // newGRPCServer returns the gRPC server with keepalive, message size limits
 // and the interceptor chain.
-func newGRPCServer(cfg *Config, log *slog.Logger) *grpc.Server {
+func newGRPCServer(cfg *Config, log *slog.Logger, extra ...grpc.ServerOption) *grpc.Server {
 	unary, stream := interceptors(log)
-	return grpc.NewServer(
+	return grpc.NewServer(append([]grpc.ServerOption{
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			Time:    cfg.KeepaliveTime,
 			Timeout: cfg.KeepaliveTimeout,
@@ -260,7 +294,7 @@ func newGRPCServer(cfg *Config, log *slog.Logger) *grpc.Server {
 		grpc.MaxRecvMsgSize(cfg.maxRecvMsgSize()),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
-	)
+	}, extra...)...)
 }
 
 // interceptors returns the one chain used for unary and streaming calls,
