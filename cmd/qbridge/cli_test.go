@@ -119,6 +119,65 @@ func TestTLS(t *testing.T) {
 	wantExit(t, "bad CA file", e.run(t, "", "--ca-file", filepath.Join(t.TempDir(), "none.pem"), "queues"), exitUsage, "--ca-file")
 }
 
+func TestMutualTLS(t *testing.T) {
+	t.Parallel()
+	serverCert, caPEM := selfSigned(t)
+	clientCert, clientPEM, clientKeyPEM := selfSignedClient(t)
+	pool := x509.NewCertPool()
+	pool.AddCert(clientCert.Leaf)
+	e := newEnv(t, withMutualTLS(serverCert, pool))
+	dir := t.TempDir()
+	files := map[string][]byte{"ca.pem": caPEM, "client.pem": clientPEM, "client.key": clientKeyPEM}
+	for n, b := range files {
+		if err := os.WriteFile(filepath.Join(dir, n), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ca, cert, key := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "client.pem"), filepath.Join(dir, "client.key")
+	if r := e.mustRun(t, "", "--ca-file", ca, "--cert-file", cert, "--key-file", key, "enqueue", "mtls", "x", "--id", "m-1"); r.stdout != "m-1\n" {
+		t.Fatalf("%v", r)
+	}
+	if r := e.runEnv(t, []string{"QBRIDGE_CA_FILE=" + ca, "QBRIDGE_CERT_FILE=" + cert, "QBRIDGE_KEY_FILE=" + key}, "", "queues"); r.stdout != "mtls\n" {
+		t.Fatalf("%v", r)
+	}
+	// The refusal reaches the client during or just after the handshake
+	// (TLS 1.3), so the message varies; the exit code does not.
+	wantExit(t, "no client certificate", e.run(t, "", "--ca-file", ca, "queues"), exitUnavailable)
+	wantExit(t, "cert without key", e.run(t, "", "--ca-file", ca, "--cert-file", cert, "queues"), exitUsage, "--cert-file and --key-file go together")
+	wantExit(t, "bad key file", e.run(t, "", "--ca-file", ca, "--cert-file", cert, "--key-file", ca, "queues"), exitUsage, "--cert-file/--key-file")
+}
+
+// selfSignedClient returns a self-signed client certificate (with its
+// parsed leaf) and its PEM certificate and key.
+func selfSignedClient(t *testing.T) (tls.Certificate, []byte, []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "qbridge test client"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert, certPEM, keyPEM
+}
+
 // selfSigned returns a certificate for 127.0.0.1 and its PEM, which serves
 // as its own CA.
 func selfSigned(t *testing.T) (tls.Certificate, []byte) {

@@ -21,8 +21,18 @@ func (a *app) client() (*client.Client, error) {
 		return a.c, nil
 	}
 	var opts []client.Option
-	if a.useTLS || a.caFile != "" {
+	if (a.certFile == "") != (a.keyFile == "") {
+		return nil, usageErrorf("--cert-file and --key-file go together; give both or neither")
+	}
+	if a.useTLS || a.caFile != "" || a.certFile != "" {
 		cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+		if a.certFile != "" {
+			cert, err := tls.LoadX509KeyPair(a.certFile, a.keyFile)
+			if err != nil {
+				return nil, usageErrorf("--cert-file/--key-file: %v", err)
+			}
+			cfg.Certificates = []tls.Certificate{cert}
+		}
 		if a.caFile != "" {
 			pem, err := os.ReadFile(a.caFile)
 			if err != nil {

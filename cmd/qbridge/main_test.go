@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -92,11 +93,18 @@ type call struct {
 
 type envConfig struct {
 	tlsCert *tls.Certificate
+	// clientCAs, when set with tlsCert, makes the server require client
+	// certificates signed by them (mutual TLS).
+	clientCAs *x509.CertPool
 }
 
 type envOption func(*envConfig)
 
 func withTLS(cert tls.Certificate) envOption { return func(c *envConfig) { c.tlsCert = &cert } }
+
+func withMutualTLS(cert tls.Certificate, clientCAs *x509.CertPool) envOption {
+	return func(c *envConfig) { c.tlsCert, c.clientCAs = &cert, clientCAs }
+}
 
 // newEnv starts the stack; it is torn down at test cleanup. Retries back
 // off for 20-50ms, so that tests of retries need not wait long.
@@ -140,7 +148,11 @@ func newEnv(t *testing.T, opts ...envOption) *testEnv {
 		}),
 	}
 	if cfg.tlsCert != nil {
-		gopts = append(gopts, grpc.Creds(credentials.NewServerTLSFromCert(cfg.tlsCert)))
+		tc := &tls.Config{Certificates: []tls.Certificate{*cfg.tlsCert}, MinVersion: tls.VersionTLS12}
+		if cfg.clientCAs != nil {
+			tc.ClientCAs, tc.ClientAuth = cfg.clientCAs, tls.RequireAndVerifyClientCert
+		}
+		gopts = append(gopts, grpc.Creds(credentials.NewTLS(tc)))
 	}
 	gs := grpc.NewServer(gopts...)
 	qbridgev1.RegisterQueueServiceServer(gs, srv)

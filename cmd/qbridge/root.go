@@ -26,12 +26,14 @@ type app struct {
 	getenv func(string) string
 
 	// Global options (flags, else environment variables, else defaults).
-	addr    string
-	useTLS  bool
-	caFile  string
-	token   string
-	output  string
-	timeout time.Duration
+	addr     string
+	useTLS   bool
+	caFile   string
+	certFile string
+	keyFile  string
+	token    string
+	output   string
+	timeout  time.Duration
 
 	out *printer
 	c   *client.Client
@@ -45,6 +47,8 @@ var globalEnv = []struct{ flag, env string }{
 	{"addr", "QBRIDGE_ADDR"},
 	{"tls", "QBRIDGE_TLS"},
 	{"ca-file", "QBRIDGE_CA_FILE"},
+	{"cert-file", "QBRIDGE_CERT_FILE"},
+	{"key-file", "QBRIDGE_KEY_FILE"},
 	{"token", "QBRIDGE_TOKEN"},
 	{"output", "QBRIDGE_OUTPUT"},
 	{"timeout", "QBRIDGE_TIMEOUT"},
@@ -59,12 +63,14 @@ Output is text for people, or with --output json one JSON object per line
 base64; JSON has "payload" (the text, or null) and "payload_base64".
 
 Global options can also be set in the environment; a flag wins:
-  --addr     QBRIDGE_ADDR     server address (default 127.0.0.1:7070)
-  --tls      QBRIDGE_TLS      use TLS (true/false)
-  --ca-file  QBRIDGE_CA_FILE  CA certificate(s) to verify the server (PEM; implies --tls)
-  --token    QBRIDGE_TOKEN    sent as "authorization: Bearer <token>"
-  --output   QBRIDGE_OUTPUT   text or json
-  --timeout  QBRIDGE_TIMEOUT  deadline of each unary call (0: none)
+  --addr       QBRIDGE_ADDR       server address (default 127.0.0.1:7070)
+  --tls        QBRIDGE_TLS        use TLS (true/false)
+  --ca-file    QBRIDGE_CA_FILE    CA certificate(s) to verify the server (PEM; implies --tls)
+  --cert-file  QBRIDGE_CERT_FILE  client certificate for mutual TLS (PEM; implies --tls)
+  --key-file   QBRIDGE_KEY_FILE   its private key (PEM)
+  --token      QBRIDGE_TOKEN      sent as "authorization: Bearer <token>"
+  --output     QBRIDGE_OUTPUT     text or json
+  --timeout    QBRIDGE_TIMEOUT    deadline of each unary call (0: none)
 
 ` + exitCodesHelp
 
@@ -144,6 +150,8 @@ func (a *app) rootCmd() *cobra.Command {
 	pf.StringVar(&a.addr, "addr", "127.0.0.1:7070", "qbridged address (host:port, or any gRPC target) [QBRIDGE_ADDR]")
 	pf.BoolVar(&a.useTLS, "tls", false, "connect with TLS, verifying the server with the system's CAs or --ca-file [QBRIDGE_TLS]")
 	pf.StringVar(&a.caFile, "ca-file", "", "PEM file of the CA certificates that verify the server; implies --tls [QBRIDGE_CA_FILE]")
+	pf.StringVar(&a.certFile, "cert-file", "", "PEM client certificate for mutual TLS, with --key-file; implies --tls [QBRIDGE_CERT_FILE]")
+	pf.StringVar(&a.keyFile, "key-file", "", "PEM private key of --cert-file [QBRIDGE_KEY_FILE]")
 	pf.StringVar(&a.token, "token", "", `token sent with every call as "authorization: Bearer <token>" [QBRIDGE_TOKEN]`)
 	pf.StringVarP(&a.output, "output", "o", "text", "output format: text or json (one object per line) [QBRIDGE_OUTPUT]")
 	pf.DurationVar(&a.timeout, "timeout", 10*time.Second, "deadline of each unary call, e.g. 5s; 0 means none [QBRIDGE_TIMEOUT]")
