@@ -220,3 +220,24 @@ func FuzzValidateName(f *testing.F) {
 		}
 	})
 }
+
+func FuzzValidatePattern(f *testing.F) {
+	for _, s := range []string{"news.*", "task:pubsub:[ab]?", "", "{x}*", "a b", "\\*"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if err := server.ValidatePattern(s); err != nil {
+			return
+		}
+		// A pattern may glob, but never leaves the key prefix's hash tag
+		// scheme (braces) or carries whitespace or control bytes.
+		if len(s) == 0 || len(s) > server.MaxNameLen || strings.ContainsAny(s, "{} \t\r\n") {
+			t.Fatalf("accepted unsafe pattern %q", s)
+		}
+		for i := 0; i < len(s); i++ {
+			if s[i] < 0x21 || s[i] > 0x7e {
+				t.Fatalf("accepted pattern %q with byte 0x%02x", s, s[i])
+			}
+		}
+	})
+}
