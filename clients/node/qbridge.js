@@ -33,7 +33,12 @@ export class QbridgeError extends Error {
 function wrap(err) {
   if (err instanceof QbridgeError) return err;
   const ce = ConnectError.from(err);
-  return new QbridgeError(Code[ce.code], ce.rawMessage);
+  // The client's own cancellations never get here (a consume or subscribe
+  // loop that is stopped just ends), so a Canceled is the transport giving
+  // up on the connection (e.g. plaintext to a TLS server): Unavailable, as
+  // the other gRPC clients report it.
+  const code = ce.code === Code.Canceled ? "Unavailable" : Code[ce.code];
+  return new QbridgeError(code, ce.rawMessage);
 }
 
 const enc = new TextEncoder();
@@ -76,8 +81,23 @@ export class Delivery {
 }
 
 export class Client {
-  constructor(address = "127.0.0.1:7070", { timeoutMs = 10000 } = {}) {
-    this.rpc = createClient(QueueService, createGrpcTransport({ baseUrl: `http://${address}` }));
+  // tls: true, or { ca, cert, key } (PEM strings or Buffers; cert and key
+  // for mutual TLS) to connect with TLS; token is sent as
+  // "authorization: Bearer <token>" with every call.
+  constructor(address = "127.0.0.1:7070", { timeoutMs = 10000, tls, token } = {}) {
+    const interceptors = [];
+    if (token) {
+      interceptors.push((next) => (req) => {
+        req.header.set("authorization", `Bearer ${token}`);
+        return next(req);
+      });
+    }
+    const transport = createGrpcTransport({
+      baseUrl: `${tls ? "https" : "http"}://${address}`,
+      nodeOptions: tls && tls !== true ? { ca: tls.ca, cert: tls.cert, key: tls.key } : undefined,
+      interceptors,
+    });
+    this.rpc = createClient(QueueService, transport);
     this.timeoutMs = timeoutMs;
   }
 

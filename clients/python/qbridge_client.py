@@ -167,10 +167,29 @@ class Subscription(_Stream):
 class Client:
     """A connection to qbridge. Use it as a context manager, or close() it."""
 
-    def __init__(self, target: str = "127.0.0.1:7070", *, timeout: float = 10.0, channel: Optional[grpc.Channel] = None):
-        self._channel = channel or grpc.insecure_channel(target)
+    def __init__(self, target: str = "127.0.0.1:7070", *, timeout: float = 10.0,
+                 tls: bool = False, ca_file: Optional[str] = None,
+                 cert_file: Optional[str] = None, key_file: Optional[str] = None,
+                 token: Optional[str] = None, channel: Optional[grpc.Channel] = None):
+        """tls (implied by ca_file or cert_file) verifies the server with the
+        system's CAs or ca_file; cert_file and key_file add a client
+        certificate (mutual TLS); token is sent as "authorization: Bearer
+        <token>" with every call."""
+        if channel is None:
+            if tls or ca_file or cert_file:
+                def read(path: Optional[str]) -> Optional[bytes]:
+                    if path is None:
+                        return None
+                    with open(path, "rb") as f:
+                        return f.read()
+                creds = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+                channel = grpc.secure_channel(target, creds)
+            else:
+                channel = grpc.insecure_channel(target)
+        self._channel = channel
         self._stub = rpc.QueueServiceStub(self._channel)
         self._timeout = timeout
+        self._metadata = (("authorization", "Bearer " + token),) if token else None
 
     def __enter__(self) -> "Client":
         return self
@@ -183,7 +202,7 @@ class Client:
 
     def _call(self, method, req):
         try:
-            return method(req, timeout=self._timeout)
+            return method(req, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
 
@@ -205,7 +224,7 @@ class Client:
         req = pb.ConsumeRequest(queue=queue, max_in_flight=max_in_flight)
         if lease is not None:
             req.lease_duration.CopyFrom(_duration(lease))
-        return Consumer(self._stub.Consume(req), self)
+        return Consumer(self._stub.Consume(req, metadata=self._metadata), self)
 
     def subscribe(self, *channels: str, patterns: tuple[str, ...] = ()) -> Subscription:
-        return Subscription(self._stub.Subscribe(pb.SubscribeRequest(channels=list(channels), patterns=list(patterns))))
+        return Subscription(self._stub.Subscribe(pb.SubscribeRequest(channels=list(channels), patterns=list(patterns)), metadata=self._metadata))

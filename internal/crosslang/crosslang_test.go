@@ -5,7 +5,15 @@ package crosslang
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -16,6 +24,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
@@ -43,7 +52,7 @@ func needPython(t *testing.T) {
 }
 
 // service starts a private redis-server and a qbridged on loopback.
-func service(t *testing.T) (addr string, qc qbridgev1.QueueServiceClient) {
+func service(t *testing.T, creds credentials.TransportCredentials, extra ...string) (addr string, qc qbridgev1.QueueServiceClient) {
 	t.Helper()
 	rs := redistest.Start(t)
 	bin := filepath.Join(t.TempDir(), "qbridged")
@@ -58,12 +67,12 @@ func service(t *testing.T) (addr string, qc qbridgev1.QueueServiceClient) {
 	}
 	addr = l.Addr().String()
 	l.Close()
-	cmd := exec.Command(bin, "--listen", addr, "--redis-url", rs.URL(0), "--log-level", "warn")
+	cmd := exec.Command(bin, append([]string{"--listen", addr, "--redis-url", rs.URL(0), "--log-level", "warn"}, extra...)...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,7 +181,7 @@ func recvOne(t *testing.T, st qbridgev1.QueueService_ConsumeClient) *qbridgev1.D
 
 func TestPython(t *testing.T) {
 	needPython(t)
-	addr, qc := service(t)
+	addr, qc := service(t, insecure.NewCredentials())
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
@@ -277,7 +286,7 @@ func TestPython(t *testing.T) {
 
 func TestNode(t *testing.T) {
 	needNode(t)
-	addr, qc := service(t)
+	addr, qc := service(t, insecure.NewCredentials())
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
@@ -363,4 +372,85 @@ func TestNode(t *testing.T) {
 			}
 		}
 	})
+}
+
+// The Python and Node clients speak TLS (verifying the server with a CA
+// file) and send a token when given one; plaintext to a TLS listener fails
+// with UNAVAILABLE in both.
+func TestTLSClients(t *testing.T) {
+	needPython(t)
+	needNode(t)
+	dir := t.TempDir()
+	caPEM, certPEM, keyPEM := testCerts(t)
+	files := map[string][]byte{"ca.pem": caPEM, "server.pem": certPEM, "server.key": keyPEM}
+	for n, b := range files {
+		if err := os.WriteFile(filepath.Join(dir, n), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	addr, _ := service(t, credentials.NewTLS(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}),
+		"--tls-cert", filepath.Join(dir, "server.pem"), "--tls-key", filepath.Join(dir, "server.key"))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		name      string
+		run       func(t *testing.T, ctx context.Context, mode, addr string, args ...string) (<-chan string, func() error)
+		ca, token string
+		want      string
+	}{
+		{"python over TLS with a token", python, filepath.Join(dir, "ca.pem"), "s3cret", "id "},
+		{"python plaintext", python, "", "", "error Unavailable"},
+		{"node over TLS with a token", node, filepath.Join(dir, "ca.pem"), "s3cret", "id "},
+		{"node plaintext", node, "", "", "error Unavailable"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("XLANG_CA", tc.ca)
+			t.Setenv("XLANG_TOKEN", tc.token)
+			lines, wait := tc.run(t, ctx, "enqueue-one", addr, "tls-q")
+			if got := next(t, lines); !strings.HasPrefix(got, tc.want) {
+				t.Fatalf("got %q; want %q...", got, tc.want)
+			}
+			if err := wait(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// testCerts returns a CA and a server certificate for 127.0.0.1 it signed.
+func testCerts(t *testing.T) (caPEM, certPEM, keyPEM []byte) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "crosslang CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "qbridged"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
+		pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder})
 }

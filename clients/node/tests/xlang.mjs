@@ -1,9 +1,12 @@
 // Driver of the cross-language tests (internal/crosslang): one mode per
 // run, results on stdout, one line each.
+import { readFileSync } from "node:fs";
+
 import { Client, QbridgeError } from "../qbridge.js";
 
 const [mode, addr, ...args] = process.argv.slice(2);
-const qb = new Client(addr, { timeoutMs: 5000 });
+const tls = process.env.XLANG_CA ? { ca: readFileSync(process.env.XLANG_CA) } : undefined;
+const qb = new Client(addr, { timeoutMs: 5000, tls, token: process.env.XLANG_TOKEN });
 const text = (b) => new TextDecoder().decode(b);
 
 if (mode === "consume-ack") {
@@ -17,6 +20,13 @@ if (mode === "consume-ack") {
 } else if (mode === "publish") {
   // publish CHANNEL N
   for (let i = 0; i < Number(args[1]); i++) console.log(`receivers ${await qb.publish(args[0], `node-${i}`)}`);
+} else if (mode === "enqueue-one") {
+  // enqueue-one QUEUE: prints the id, or the error
+  try {
+    console.log(`id ${await qb.enqueue(args[0], "over tls")}`);
+  } catch (e) {
+    console.log(`error ${e.code}`);
+  }
 } else if (mode === "bad-queue") {
   try {
     await qb.enqueue("bad queue{}", "x");

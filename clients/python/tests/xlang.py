@@ -12,7 +12,10 @@ from qbridge_client import Client, QbridgeError  # noqa: E402
 def main() -> int:
     mode, addr = sys.argv[1], sys.argv[2]
     args = sys.argv[3:]
-    with Client(addr, timeout=5) as qb:
+    tls = {}
+    if os.environ.get("XLANG_CA"):
+        tls = {"ca_file": os.environ["XLANG_CA"]}
+    with Client(addr, timeout=5, token=os.environ.get("XLANG_TOKEN"), **tls) as qb:
         if mode == "produce":  # produce QUEUE N
             for i in range(int(args[1])):
                 print("id", qb.enqueue(args[0], f"py-{i}".encode(), headers={"lang": "python"}), flush=True)
@@ -21,6 +24,11 @@ def main() -> int:
                 for d in ds:
                     print("took", d.id, d.attempt, d.payload.decode(), flush=True)
                     break
+        elif mode == "enqueue-one":  # enqueue-one QUEUE: prints the id, or the error
+            try:
+                print("id", qb.enqueue(args[0], b"over tls"), flush=True)
+            except QbridgeError as e:
+                print("error", type(e).__name__, flush=True)
         elif mode == "bad-queue":  # the error an invalid queue name gives
             try:
                 qb.enqueue("bad queue{}", b"x")
