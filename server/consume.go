@@ -342,6 +342,7 @@ func (d *dispatcher) run() {
 	if err := s.b.RegisterQueue(ctx, d.queue); err != nil {
 		s.log.Warn("cannot register queue for lease reaping", "queue", d.queue, "err", err)
 	}
+	defer s.idleQueues.offerSlot() // any slot it held stays free now
 	backoff := s.opts.claimRetryBackoff
 	for {
 		cs, ok := d.hungry()

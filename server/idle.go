@@ -26,8 +26,10 @@ import (
 // shared pub/sub connection, and the price of going past blockingWaits is
 // a wake-up within idlePoll for what publishes nothing: pushes by plain
 // Redis clients, and pushes to a list that such a push already made
-// non-empty. A slot given back wakes one parked queue, so that queues fed
-// by plain clients get blocking waits as slots free up.
+// non-empty. A dispatcher that goes away wakes one parked queue to take
+// its slot, so that queues fed by plain clients get blocking waits as slots
+// free up (a parked queue also looks for a free slot at the end of each
+// wait slice).
 //
 // A queue parks before it checks its length once more, so a push between
 // the dispatcher's last look and its parking is never missed: either the
@@ -56,15 +58,25 @@ func (iq *idleQueues) acquire() bool {
 	return false
 }
 
-// release gives a slot back and wakes one parked queue, if any, so that it
-// may take the slot (the releaser competes for it again too).
 func (iq *idleQueues) release() {
 	iq.mu.Lock()
 	iq.free++
+	iq.mu.Unlock()
+}
+
+// offerSlot wakes one parked queue, if a slot is free, so that it may take
+// it. A dispatcher that goes away calls it: its slot then stays free.
+// (Releasing a slot at the end of each wait does not: the releaser takes it
+// again at once, and waking a parked queue on every cycle of a busy queue
+// would cost it a claim and a length check each time for nothing.)
+func (iq *idleQueues) offerSlot() {
+	iq.mu.Lock()
 	var wake chan struct{}
-	for _, ch := range iq.parked {
-		wake = ch
-		break
+	if iq.free > 0 {
+		for _, ch := range iq.parked {
+			wake = ch
+			break
+		}
 	}
 	iq.mu.Unlock()
 	if wake != nil {

@@ -611,7 +611,7 @@ func TestIdleParkedConnectionsBounded(t *testing.T) {
 // 5. The blocking slot: a plain LPUSH to the queue that holds it is
 // delivered at once (BLMOVE wakes; nothing else could within the test), and
 // once its dispatcher goes away the slot passes to the other queue at once
-// (a released slot wakes a parked queue), so a plain LPUSH reaches that one
+// (a dispatcher that goes away wakes a parked queue), so a plain LPUSH reaches that one
 // too.
 func TestIdleSlotHandover(t *testing.T) {
 	rs := redistest.Start(t)
@@ -631,8 +631,8 @@ func TestIdleSlotHandover(t *testing.T) {
 	if string(d.GetPayload()) != "plain to holder" {
 		t.Fatalf("holder %s got %q", h, d.GetPayload())
 	}
-	// Once served, the holder gives its slot back, which wakes the parked
-	// queue: either may hold the slot now, the other parks.
+	// Once served, the holder waits again: one of the two holds the slot,
+	// the other parks.
 	blocked, parked = in.waitSettled(t, 10*time.Second, 1, 1)
 	h, o = blocked[0], parked[0]
 	idleAck(t, in, d)
