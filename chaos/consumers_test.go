@@ -138,18 +138,6 @@ func (s *consSeen) get(n int) (time.Time, uint32, bool) {
 	return at, s.attempt[n], ok
 }
 
-// consAllAcked reports whether every message of ns was acked.
-func consAllAcked(l *ledger, ns []int) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, n := range ns {
-		if !l.acked[n] {
-			return false
-		}
-	}
-	return true
-}
-
 // consHealthy is an in-process consumer (consume from ledger_test.go) that
 // acks everything it gets.
 type consHealthy struct {
@@ -168,7 +156,7 @@ func consStartHealthy(t *testing.T, qc qbridgev1.QueueServiceClient, l *ledger, 
 	go func() { defer h.wg.Done(); consume(ctx, qc, l, queue, o) }()
 	t.Cleanup(h.stop)
 	consEnqueue(t, qc, l, queue, probe, probe+1)
-	if !waitFor(20*time.Second, func() bool { return consAllAcked(l, []int{probe}) }) {
+	if !waitFor(20*time.Second, func() bool { return l.allAcked(probe) }) {
 		l.mu.Lock()
 		id, deliveries := l.ids[probe], len(l.deliveries[probe])
 		l.mu.Unlock()
@@ -323,7 +311,7 @@ func TestConsumersKilledBeforeAck(t *testing.T) {
 		if extra := consDrainLines(l, c); len(extra) > 0 {
 			t.Logf("round %d: the child printed %d more deliveries before it died (its lease ran out while it held the batch: the test was too slow)", r, len(extra))
 		}
-		if !waitFor(10*bound, func() bool { return consAllAcked(l, batch) }) {
+		if !waitFor(10*bound, func() bool { return l.allAcked(batch...) }) {
 			t.Errorf("round %d: not every message the killed consumer held was redelivered and acked within %v", r, 10*bound)
 		}
 		h.stop()
@@ -502,7 +490,7 @@ func TestConsumersHalfOpen(t *testing.T) {
 	for _, c := range children {
 		c.Stop()
 	}
-	ok := waitFor(lease/2, func() bool { return consAllAcked(l, held) })
+	ok := waitFor(lease/2, func() bool { return l.allAcked(held...) })
 	h.stop()
 	if !ok {
 		t.Errorf("the messages of SIGSTOPped consumers were not requeued within %v (lease %v): keepalive did not find them", lease/2, lease)

@@ -232,13 +232,7 @@ func (l *ledger) report(t testing.TB, qc qbridgev1.QueueServiceClient, queue, ex
 	if extra != "" {
 		line += " " + extra
 	}
-	t.Log(line)
-	if f := os.Getenv("CHAOS_SUMMARY"); f != "" {
-		if fh, err := os.OpenFile(f, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err == nil {
-			fmt.Fprintln(fh, line)
-			fh.Close()
-		}
-	}
+	summaryLine(t, line)
 	if s.Lost > 0 {
 		l.mu.Lock()
 		var where []string
@@ -254,6 +248,31 @@ func (l *ledger) report(t testing.TB, qc qbridgev1.QueueServiceClient, queue, ex
 		l.mu.Unlock()
 	}
 	return s
+}
+
+// summaryLine logs a case's summary line and appends it to $CHAOS_SUMMARY
+// (make chaos collects them there).
+func summaryLine(t testing.TB, line string) {
+	t.Helper()
+	t.Log(line)
+	if f := os.Getenv("CHAOS_SUMMARY"); f != "" {
+		if fh, err := os.OpenFile(f, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err == nil {
+			fmt.Fprintln(fh, line)
+			fh.Close()
+		}
+	}
+}
+
+// allAcked reports whether an Ack confirmed each of ns.
+func (l *ledger) allAcked(ns ...int) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, n := range ns {
+		if !l.acked[n] {
+			return false
+		}
+	}
+	return true
 }
 
 // strays reads Redis (the documented key layout, not qbridge's code) and

@@ -150,22 +150,6 @@ func lcProducers(ctx context.Context, conc int, stop *atomic.Bool, next *atomic.
 	return &wg
 }
 
-// lcProduce enqueues messages from..to-1 of l from conc goroutines, each
-// retried until confirmed or ctx ends (like produce, but each message is in
-// the ledger before its Enqueue is sent).
-func lcProduce(ctx context.Context, qc qbridgev1.QueueServiceClient, l *ledger, queue string, from, to, conc int) {
-	var next atomic.Int64
-	next.Store(int64(from))
-	var stop atomic.Bool
-	lcProducers(ctx, conc, &stop, &next, func(n int) error {
-		if n >= to {
-			stop.Store(true)
-			return nil
-		}
-		return lcEnqueue(ctx, qc, l, queue, n, 2*time.Second, nil, nil)
-	}).Wait()
-}
-
 // lcEnd is how one Consume stream ended.
 type lcEnd struct {
 	at   time.Time
@@ -278,17 +262,6 @@ func lcDeliveredAt(l *ledger, n int) (time.Time, bool) {
 	return time.Time{}, false
 }
 
-func lcAcked(l *ledger, ns ...int) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, n := range ns {
-		if !l.acked[n] {
-			return false
-		}
-	}
-	return true
-}
-
 // lcLost lists the confirmed messages that were neither acked nor had an
 // Ack applied whose reply was lost (call after l.resolve).
 func lcLost(l *ledger) []int {
@@ -324,19 +297,6 @@ func lcWaitDrained(rdb *redis.Client, l *ledger, queue string, within time.Durat
 		return false
 	})
 	return last, ok
-}
-
-// lcSummary logs a case's summary line (and appends it to CHAOS_SUMMARY,
-// like ledger.report).
-func lcSummary(t testing.TB, line string) {
-	t.Helper()
-	t.Log(line)
-	if f := os.Getenv("CHAOS_SUMMARY"); f != "" {
-		if fh, err := os.OpenFile(f, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err == nil {
-			fmt.Fprintln(fh, line)
-			fh.Close()
-		}
-	}
 }
 
 // lcProc is what /proc says about a process.
@@ -698,7 +658,7 @@ func lcRedisKill(t *testing.T, fsync string) {
 			outside = append(outside, fmt.Sprintf("%d: confirmed %v before the kill (%s)", n, lcMs(tKill.Sub(at)), where[n]))
 		}
 	}
-	lcSummary(t, fmt.Sprintf("CHAOS %-28s %s %s lost_oldest_before_kill=%v lost_outside_window=%d", t.Name(), s, extra, lcMs(oldest), len(outside)))
+	summaryLine(t, fmt.Sprintf("CHAOS %-28s %s %s lost_oldest_before_kill=%v lost_outside_window=%d", t.Name(), s, extra, lcMs(oldest), len(outside)))
 	if len(outside) > 0 {
 		t.Errorf("everysec lost %d confirmed messages, %d of them confirmed more than %v before the kill:\n%s",
 			len(lost), len(outside), window, strings.Join(outside[:min(10, len(outside))], "\n"))
@@ -785,7 +745,7 @@ func lcOutage(t *testing.T, hang bool) {
 	// Warm up, so that the baseline is the steady state.
 	var next atomic.Int64
 	pre := pick(200, 2000)
-	lcProduce(ctx, qc, l, queue, 0, pre, 4)
+	produce(ctx, qc, l, queue, 0, pre, 4)
 	next.Store(int64(pre))
 	if !waitFor(20*time.Second, func() bool { return l.ackedCount() >= l.confirmedCount() }) {
 		rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
@@ -892,7 +852,7 @@ func lcOutage(t *testing.T, hang bool) {
 	from := int(next.Load())
 	more := pick(200, 2000)
 	next.Store(int64(from + more))
-	lcProduce(ctx, qc, l, queue, from, from+more, 4)
+	produce(ctx, qc, l, queue, from, from+more, 4)
 	left, drained := lcWaitDrained(rdb, l, queue, 30*time.Second)
 	tEnd := time.Now()
 	samp.Stop()
@@ -1045,7 +1005,7 @@ func lcOutage(t *testing.T, hang bool) {
 	if n, err := lcGoroutines(d); err != nil {
 		t.Errorf("goroutine dump: %v", err)
 	} else {
-		lcSummary(t, fmt.Sprintf("CHAOS %-28s goroutines_after_outage=%d failed_calls_during=%d", t.Name(), n, len(during)))
+		summaryLine(t, fmt.Sprintf("CHAOS %-28s goroutines_after_outage=%d failed_calls_during=%d", t.Name(), n, len(during)))
 		if n > lcMaxGoroutines {
 			t.Errorf("qbridged has %d goroutines after the outage and its recovery; a healthy one with one stream has far fewer (limit %d)", n, lcMaxGoroutines)
 		}
@@ -1146,7 +1106,7 @@ func TestSigtermUnderLoad(t *testing.T) {
 
 	// What the holder held comes back at once (not after its 60 s lease).
 	var tHeldBack time.Time
-	if waitFor(pick(15*time.Second, 30*time.Second), func() bool { return lcAcked(l, held...) }) {
+	if waitFor(pick(15*time.Second, 30*time.Second), func() bool { return l.allAcked(held...) }) {
 		tHeldBack = time.Now()
 	}
 	stop.Store(true)

@@ -255,14 +255,7 @@ func resDaemonConns(ctx context.Context, rdb *redis.Client) (resConns, error) {
 // ledger.report).
 func resSummary(t testing.TB, format string, args ...any) {
 	t.Helper()
-	line := fmt.Sprintf("CHAOS %-28s ", t.Name()) + fmt.Sprintf(format, args...)
-	t.Log(line)
-	if f := os.Getenv("CHAOS_SUMMARY"); f != "" {
-		if fh, err := os.OpenFile(f, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err == nil {
-			fmt.Fprintln(fh, line)
-			fh.Close()
-		}
-	}
+	summaryLine(t, fmt.Sprintf("CHAOS %-28s ", t.Name())+fmt.Sprintf(format, args...))
 }
 
 // resCodes tallies the status codes of calls, per RPC.
