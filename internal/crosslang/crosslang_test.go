@@ -454,3 +454,57 @@ func testCerts(t *testing.T) (caPEM, certPEM, keyPEM []byte) {
 		pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder})
 }
+
+// The Python and Node snippets of the README's "Using qbridge from Python,
+// Node and any language" run as written (only the address is the live
+// service's) and do what they say.
+func TestREADMESnippets(t *testing.T) {
+	needPython(t)
+	needNode(t)
+	readme, err := os.ReadFile(filepath.Join(repoRoot(), "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(readme)
+	start := strings.Index(text, "## Using qbridge from Python, Node")
+	end := strings.Index(text[max(start, 0):], "\n## ")
+	if start < 0 || end < 0 {
+		t.Fatal("README has no section \"Using qbridge from Python, Node and any language\"")
+	}
+	section := text[start : start+end]
+	snippet := func(lang string) string {
+		i := strings.Index(section, "```"+lang+"\n")
+		if i < 0 {
+			t.Fatalf("no %s snippet in the section", lang)
+		}
+		body := section[i+len("```"+lang+"\n"):]
+		return body[:strings.Index(body, "```")]
+	}
+	addr, _ := service(t, insecure.NewCredentials())
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		lang string
+		argv []string
+		want []string
+	}{
+		{"python", []string{"/usr/bin/python3", "-c"}, []string{"1 b'resize 42'", "news b'hello'"}},
+		{"js", []string{"node", "--input-type=module", "-e"}, []string{"1 resize 42", "news hi"}},
+	} {
+		t.Run(tc.lang, func(t *testing.T) {
+			code := strings.ReplaceAll(snippet(tc.lang), "127.0.0.1:7070", addr)
+			cmd := exec.CommandContext(ctx, tc.argv[0], append(tc.argv[1:], code)...)
+			cmd.Dir = repoRoot() // the snippets use paths from the repository's root
+			cmd.Env = append(os.Environ(), "PYTHONDONTWRITEBYTECODE=1")
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				t.Fatalf("%v\n%s", err, out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(string(out), w) {
+					t.Fatalf("output lacks %q:\n%s", w, out)
+				}
+			}
+		})
+	}
+}
