@@ -15,7 +15,7 @@ QBRIDGE_ARGS  ?=
 
 all: build
 
-## run: start qbridged (embedded in-memory engine unless QBRIDGE_REDIS_URL is set)
+## run: start qbridged (embedded in-memory engine unless QBRIDGE_ARGS gives --redis-url, with --plaintext or TLS)
 run:
 	go run ./cmd/qbridged $(QBRIDGE_ARGS)
 

@@ -117,6 +117,7 @@ type Option func(*dialConfig)
 type dialConfig struct {
 	creds credentials.TransportCredentials
 	extra []grpc.DialOption
+	err   error // from an option that could not be applied
 }
 
 // WithTransportCredentials sets the transport credentials, e.g.
@@ -136,7 +137,7 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 // grpc.NewClient, which it uses, it does not connect yet: the connection is
 // made by the first call, and connection errors are reported by the calls.
 //
-// Defaults: insecure transport credentials, and keepalive pings every 20s
+// Defaults: insecure transport credentials (see WithTLS and WithToken), and keepalive pings every 20s
 // (10s timeout) also while no stream is open. gRPC's default 4 MiB limit on
 // received messages applies; for a server that accepts payloads close to or
 // above that (qbridged --max-payload-bytes), raise it with
@@ -146,6 +147,9 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	cfg := dialConfig{creds: insecure.NewCredentials()}
 	for _, o := range opts {
 		o(&cfg)
+	}
+	if cfg.err != nil {
+		return nil, cfg.err
 	}
 	dopts := []grpc.DialOption{
 		grpc.WithTransportCredentials(cfg.creds),

@@ -35,7 +35,8 @@ const (
 // server on 127.0.0.1, and a Client dialled to it.
 type testEnv struct {
 	redis *redistest.Server
-	rdb   *redis.Client
+	rdb   *redis.Client   // the default user, for the tests' own checks
+	svcs  []*redis.Client // the services' clients (least-privilege ACL user), closed at cleanup
 	srv   *server.Server
 	gs    *grpc.Server
 	addr  string
@@ -67,13 +68,18 @@ func newEnv(t *testing.T, dialOpts ...client.Option) *testEnv {
 	t.Cleanup(func() {
 		_ = e.c.Close() // may have been closed by the test already
 		e.stopServer(t)
+		for _, c := range e.svcs {
+			_ = c.Close()
+		}
 	})
 	return e
 }
 
 // serve starts a qbridge server and a gRPC server for it on lis.
 func (e *testEnv) serve(lis net.Listener) {
-	e.srv = server.New(broker.New(e.rdb),
+	svc := redis.NewClient(e.redis.ServiceOptions(0))
+	e.svcs = append(e.svcs, svc)
+	e.srv = server.New(broker.New(svc),
 		server.WithLogger(e.log),
 		server.WithReapInterval(100*time.Millisecond),
 		server.WithWaitSlice(time.Second),

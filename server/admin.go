@@ -90,6 +90,9 @@ func (a *Admin) ListQueues(ctx context.Context, req *qbridgev1.ListQueuesRequest
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	if visible, ok := ctx.Value(queueFilterKey{}).(func(string) bool); ok {
+		qs = slices.DeleteFunc(qs, func(q string) bool { return !visible(q) })
+	}
 	slices.Sort(qs)
 	i, _ := slices.BinarySearch(qs, after)
 	if after != "" && i < len(qs) && qs[i] == after {
@@ -102,6 +105,16 @@ func (a *Admin) ListQueues(ctx context.Context, req *qbridgev1.ListQueuesRequest
 		resp.NextPageToken = encodePageToken(qs[end-1])
 	}
 	return resp, nil
+}
+
+type queueFilterKey struct{}
+
+// WithQueueFilter returns a context under which ListQueues lists only the
+// queues for which visible returns true, paging over those alone (so that
+// page tokens name no other queue). Authorization uses it to show a caller
+// only the queues it administers.
+func WithQueueFilter(ctx context.Context, visible func(queue string) bool) context.Context {
+	return context.WithValue(ctx, queueFilterKey{}, visible)
 }
 
 // PeekMessages implements AdminService.PeekMessages.

@@ -31,7 +31,8 @@ type instance struct {
 	client qbridgev1.QueueServiceClient
 	admin  qbridgev1.AdminServiceClient
 	conn   *grpc.ClientConn
-	rdb    *redis.Client
+	rdb    *redis.Client // the test's own client (default user): inspection, legacy producers
+	svc    *redis.Client // the server's client, as the least-privilege user qbridge runs as
 }
 
 type instanceConfig struct {
@@ -43,8 +44,11 @@ type instanceConfig struct {
 // startInstance runs a qbridge server against rs and returns a client for it.
 func startInstance(t *testing.T, rs *redistest.Server, cfg instanceConfig) *instance {
 	t.Helper()
+	ro := rs.ServiceOptions(cfg.db) // the least-privilege user qbridge runs as
+	ro.MaxRetries, ro.DialTimeout = -1, time.Second
+	svc := redis.NewClient(ro)
 	rdb := redis.NewClient(&redis.Options{Addr: rs.Addr(), DB: cfg.db, MaxRetries: -1, DialTimeout: time.Second})
-	b := broker.New(rdb, cfg.brokerOpts...)
+	b := broker.New(svc, cfg.brokerOpts...)
 	opts := append([]server.Option{
 		server.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))),
 		server.WithReapInterval(100 * time.Millisecond),
@@ -65,7 +69,7 @@ func startInstance(t *testing.T, rs *redistest.Server, cfg instanceConfig) *inst
 		t.Fatal(err)
 	}
 	in := &instance{srv: srv, gs: gs, addr: lis.Addr().String(), client: qbridgev1.NewQueueServiceClient(conn),
-		admin: qbridgev1.NewAdminServiceClient(conn), conn: conn, rdb: rdb}
+		admin: qbridgev1.NewAdminServiceClient(conn), conn: conn, rdb: rdb, svc: svc}
 	t.Cleanup(in.stop)
 	return in
 }
@@ -77,6 +81,9 @@ func (in *instance) stop() {
 	in.srv.Close()
 	_ = in.conn.Close()
 	_ = in.rdb.Close()
+	if in.svc != nil { // nil when the instance shares one client (embedded_test.go)
+		_ = in.svc.Close()
+	}
 }
 
 func ctxT(t *testing.T, d time.Duration) context.Context {

@@ -56,7 +56,9 @@ type idleInst struct {
 
 func startIdleInstance(t *testing.T, rs *redistest.Server, opts ...Option) *idleInst {
 	t.Helper()
-	rdb := redis.NewClient(&redis.Options{Addr: rs.Addr(), MaxRetries: -1, DialTimeout: time.Second, ClientName: idleSrvName})
+	ro := rs.ServiceOptions(0) // the least-privilege user qbridge runs as
+	ro.MaxRetries, ro.DialTimeout, ro.ClientName = -1, time.Second, idleSrvName
+	rdb := redis.NewClient(ro)
 	b := broker.New(rdb)
 	all := append([]Option{
 		WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))),

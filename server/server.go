@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -519,15 +520,22 @@ func (s *Server) reapLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		// Queues consumed here stay registered even if another instance
-		// deleted and someone recreated them meanwhile.
-		_ = s.b.RegisterQueue(ctx, s.dispatchedQueues()...)
 		qs, err := s.b.RegisteredQueues(ctx)
 		if err != nil {
 			if ctx.Err() == nil {
 				s.log.Debug("lease reaper: cannot list queues", "err", err)
 			}
 			continue
+		}
+		// Queues consumed here are reaped too, registered or not: a queue
+		// deleted while consumed is unlisted until it is enqueued to or a
+		// new stream consumes it, but a plain LPUSH may refill it and its
+		// deliveries still need their leases watched. (Re-registering it
+		// here would undo the delete for every admin call.)
+		for _, q := range s.dispatchedQueues() {
+			if !slices.Contains(qs, q) {
+				qs = append(qs, q)
+			}
 		}
 		for _, q := range qs {
 			for {

@@ -60,6 +60,8 @@ func toStatus(err error) error {
 		return status.Error(codes.Unavailable, err.Error()+" (qbridge retries; the call can be retried)")
 	case errors.Is(err, broker.ErrWrongType):
 		return status.Error(codes.FailedPrecondition, err.Error()+"; the queue name is used by a Redis key that is not a list")
+	case broker.IsACLDenied(err):
+		return status.Error(codes.FailedPrecondition, "Redis refused a command to qbridge's Redis user: "+err.Error()+"; give the user the ACL that qbridged --print-redis-acl prints")
 	case errors.Is(err, context.Canceled):
 		return status.Error(codes.Canceled, err.Error())
 	case errors.Is(err, context.DeadlineExceeded):

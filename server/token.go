@@ -70,3 +70,13 @@ func parseAckToken(s string) (ackToken, error) {
 	}
 	return t, nil
 }
+
+// AckTokenQueue returns the queue an ack token (Delivery.ack_token) belongs
+// to, for authorization in front of Ack, Nack and ExtendLease.
+func AckTokenQueue(token string) (string, error) {
+	t, err := parseAckToken(token)
+	if err != nil {
+		return "", err
+	}
+	return t.Queue, nil
+}

@@ -1,14 +1,9 @@
 package main
 
 import (
-	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"os"
 
 	"golang.org/x/term"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 
 	"github.com/qbridge/qbridge/client"
 )
@@ -25,29 +20,13 @@ func (a *app) client() (*client.Client, error) {
 		return nil, usageErrorf("--cert-file and --key-file go together; give both or neither")
 	}
 	if a.useTLS || a.caFile != "" || a.certFile != "" {
-		cfg := &tls.Config{MinVersion: tls.VersionTLS12}
-		if a.certFile != "" {
-			cert, err := tls.LoadX509KeyPair(a.certFile, a.keyFile)
-			if err != nil {
-				return nil, usageErrorf("--cert-file/--key-file: %v", err)
-			}
-			cfg.Certificates = []tls.Certificate{cert}
+		if _, err := client.TLSConfig(a.caFile, a.certFile, a.keyFile); err != nil {
+			return nil, usageErrorf("--ca-file/--cert-file/--key-file: %v", err)
 		}
-		if a.caFile != "" {
-			pem, err := os.ReadFile(a.caFile)
-			if err != nil {
-				return nil, usageErrorf("--ca-file: %v", err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, usageErrorf("--ca-file %s: no PEM certificate in it", a.caFile)
-			}
-			cfg.RootCAs = pool
-		}
-		opts = append(opts, client.WithTransportCredentials(credentials.NewTLS(cfg)))
+		opts = append(opts, client.WithTLS(a.caFile, a.certFile, a.keyFile))
 	}
 	if a.token != "" {
-		opts = append(opts, client.WithDialOptions(grpc.WithPerRPCCredentials(bearerToken(a.token))))
+		opts = append(opts, client.WithToken(a.token))
 	}
 	c, err := client.Dial(a.addr, opts...)
 	if err != nil {
@@ -56,18 +35,6 @@ func (a *app) client() (*client.Client, error) {
 	a.c = c
 	return c, nil
 }
-
-// bearerToken sends "authorization: Bearer <token>" with every call.
-type bearerToken string
-
-func (t bearerToken) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
-	return map[string]string{"authorization": "Bearer " + string(t)}, nil
-}
-
-// RequireTransportSecurity is false so that a token also works over a
-// plaintext connection (to a server on localhost, or behind a proxy that
-// terminates TLS); use --tls to protect it on the network.
-func (bearerToken) RequireTransportSecurity() bool { return false }
 
 // isTerminal reports whether f is a terminal.
 func isTerminal(f *os.File) bool { return term.IsTerminal(int(f.Fd())) }

@@ -33,6 +33,8 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/qbridge/qbridge/client"
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 	"github.com/qbridge/qbridge/internal/redistest"
@@ -115,7 +117,8 @@ func newEnv(t *testing.T, opts ...envOption) *testEnv {
 		o(&cfg)
 	}
 	rs := redistest.Start(t)
-	rdb := rs.Client(t, 0)
+	rdb := redis.NewClient(rs.ServiceOptions(0)) // the least-privilege ACL user
+	t.Cleanup(func() { _ = rdb.Close() })
 	b := broker.New(rdb, broker.WithDefaults(broker.Policy{
 		MaxAttempts: 25, BackoffMin: 20 * time.Millisecond, BackoffMax: 50 * time.Millisecond, DedupWindow: 10 * time.Minute,
 	}))

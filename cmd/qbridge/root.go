@@ -161,6 +161,7 @@ func (a *app) rootCmd() *cobra.Command {
 		&cobra.Group{ID: "queue", Title: "Work queues:"},
 		&cobra.Group{ID: "pubsub", Title: "Pub/sub:"},
 		&cobra.Group{ID: "admin", Title: "Inspecting and administering queues:"},
+		&cobra.Group{ID: "security", Title: "Security:"},
 	)
 	for _, c := range []*cobra.Command{a.enqueueCmd(), a.consumeCmd(), a.resultCmd(), a.messageCmd()} {
 		c.GroupID = "queue"
@@ -174,6 +175,9 @@ func (a *app) rootCmd() *cobra.Command {
 		c.GroupID = "admin"
 		root.AddCommand(c)
 	}
+	tok := a.tokenCmd()
+	tok.GroupID = "security"
+	root.AddCommand(tok)
 	return root
 }
 

@@ -1,12 +1,15 @@
 package main
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -14,18 +17,27 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/qbridge/qbridge/server"
+	"github.com/qbridge/qbridge/server/auth"
 )
 
 // Config is qbridged's configuration. Every field comes from one entry of
 // flagDefs: its default, overridden by its environment variable, overridden
 // by its command-line flag.
 type Config struct {
+	ConfigFile       string
+	PrintRedisACL    bool
 	Listen           string
+	Plaintext        bool
 	TLSCert          string
 	TLSKey           string
 	TLSClientCA      string
 	RedisURL         string
 	RedisDB          int
+	RedisUsername    string
+	RedisPassFile    string
+	RedisCA          string
+	RedisCert        string
+	RedisKey         string
 	KeyPrefix        string
 	RawQueues        []string
 	MaxPayloadBytes  int
@@ -51,7 +63,28 @@ type Config struct {
 	ResultRetention  time.Duration
 	LogLevel         slog.Level
 	LogFormat        string
+	PublicHealth     bool
+	PublicReflection bool
+	MaxConcStreams   int
+	RequestsPerSec   float64
+	RequestBurst     int
+	BytesPerSec      float64
+	MaxStreams       int
+
+	// Principals come from the config file's [[principal]] tables, their
+	// limits filled in from the defaults above.
+	Principals []auth.Principal
+
+	// redisPassword comes from --redis-password-file or the environment
+	// (never a flag: command lines are visible to every local user). It is
+	// never logged.
+	redisPassword string
+	// fileKeys are the settings the config file gave, for error messages.
+	fileKeys map[string]bool
 }
+
+// redisPasswordEnv holds the Redis password when no file is given.
+const redisPasswordEnv = "QBRIDGE_REDIS_PASSWORD"
 
 // Lease bounds the server accepts (server.WithLeaseBounds); --default-lease
 // must lie within them.
@@ -79,9 +112,18 @@ func (d flagDef) envVar() string {
 }
 
 var flagDefs = []flagDef{
+	{"config", "file", "",
+		"TOML configuration file: any flag below as `name = value`, plus principals and their grants (see Security in README.md). Environment variables and flags override it.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.ConfigFile) }},
+	{"print-redis-acl", "bool", "false",
+		"Print the least-privilege Redis ACL for qbridged's user (--redis-username, default qbridge) and --key-prefix, and exit.",
+		func(c *Config) flag.Value { return (*boolValue)(&c.PrintRedisACL) }},
 	{"listen", "host:port", "127.0.0.1:7070",
 		"gRPC listen address. Port 0 picks a free port (the log says which).",
 		func(c *Config) flag.Value { return (*stringValue)(&c.Listen) }},
+	{"plaintext", "bool", "false",
+		"Serve gRPC without TLS. Needed, when --tls-cert is not set, to run with --redis-url (the embedded development mode is plaintext without asking): say so only behind a TLS-terminating proxy or on a trusted network.",
+		func(c *Config) flag.Value { return (*boolValue)(&c.Plaintext) }},
 	{"tls-cert", "file", "",
 		"PEM certificate (chain) of the gRPC listener; with --tls-key, the listener speaks TLS only. New files are picked up on SIGHUP or within a second of changing; open streams keep theirs.",
 		func(c *Config) flag.Value { return (*stringValue)(&c.TLSCert) }},
@@ -97,6 +139,21 @@ var flagDefs = []flagDef{
 	{"redis-db", "n", "-1",
 		"Redis database number. -1 takes it from --redis-url (0 when the URL has none); any other value overrides the URL.",
 		func(c *Config) flag.Value { return (*intValue)(&c.RedisDB) }},
+	{"redis-username", "name", "",
+		"Redis ACL user (overrides the URL's). See README.md for the least-privilege ACL qbridge needs.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.RedisUsername) }},
+	{"redis-password-file", "file", "",
+		"File holding the Redis password (trailing newline ignored). The password may also come from " + redisPasswordEnv + " or the URL; it is never logged.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.RedisPassFile) }},
+	{"redis-ca", "file", "",
+		"PEM CA certificates to verify a rediss:// server with (default: the system roots).",
+		func(c *Config) flag.Value { return (*stringValue)(&c.RedisCA) }},
+	{"redis-cert", "file", "",
+		"PEM client certificate for rediss:// (with --redis-key), for a Redis with tls-auth-clients.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.RedisCert) }},
+	{"redis-key", "file", "",
+		"PEM private key of --redis-cert.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.RedisKey) }},
 	{"key-prefix", "prefix", "",
 		"Prefix of every Redis key and pub/sub channel qbridge uses.",
 		func(c *Config) flag.Value { return (*stringValue)(&c.KeyPrefix) }},
@@ -166,6 +223,27 @@ var flagDefs = []flagDef{
 	{"result-retention", "duration", "24h",
 		"How long a message's result (GetResult) is kept after it finished (1s to 30 days).",
 		func(c *Config) flag.Value { return (*durationValue)(&c.ResultRetention) }},
+	{"public-health", "bool", "true",
+		"Let callers without credentials use the gRPC health service (for load balancers and probes) when principals are configured.",
+		func(c *Config) flag.Value { return (*boolValue)(&c.PublicHealth) }},
+	{"public-reflection", "bool", "false",
+		"Let callers without credentials use server reflection (grpcurl list/describe) when principals are configured. Authenticated callers may always use it.",
+		func(c *Config) flag.Value { return (*boolValue)(&c.PublicReflection) }},
+	{"max-concurrent-streams", "n", "0",
+		"Most concurrent calls (streams included) on one client connection; more wait in the client. 0: gRPC's default (no limit).",
+		func(c *Config) flag.Value { return (*intValue)(&c.MaxConcStreams) }},
+	{"requests-per-second", "rate", "0",
+		"Default request rate of each principal (and of each client IP without one): unary calls plus streams opened; over it, RESOURCE_EXHAUSTED with a retry delay. 0: unlimited. A principal may set its own.",
+		func(c *Config) flag.Value { return (*floatValue)(&c.RequestsPerSec) }},
+	{"request-burst", "n", "0",
+		"Requests a principal may make at once above its rate (0: one second's worth).",
+		func(c *Config) flag.Value { return (*intValue)(&c.RequestBurst) }},
+	{"bytes-per-second", "rate", "0",
+		"Default rate of request bytes of each principal (and client IP without one); a burst of one second's worth, never less than one largest message. 0: unlimited.",
+		func(c *Config) flag.Value { return (*floatValue)(&c.BytesPerSec) }},
+	{"max-streams", "n", "0",
+		"Default bound on the streams (Consume, Subscribe, ...) one principal (or client IP without one) has open at once, over all its connections; more fail with RESOURCE_EXHAUSTED. 0: unlimited.",
+		func(c *Config) flag.Value { return (*intValue)(&c.MaxStreams) }},
 	{"log-level", "level", "info",
 		"Log level: debug, info, warn or error.",
 		func(c *Config) flag.Value { return (*levelValue)(&c.LogLevel) }},
@@ -184,11 +262,31 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.Usage = func() {
 		fmt.Fprintln(fs.Output(), "Run 'qbridged --help' for the flags and their environment variables.")
 	}
+	// Layers, each overriding the one before: defaults, the config file,
+	// the environment, the command line.
 	for _, d := range flagDefs {
-		v := d.value(c)
-		if err := v.Set(d.def); err != nil {
+		if err := d.value(c).Set(d.def); err != nil {
 			panic(fmt.Sprintf("qbridged: bad default %q for --%s: %v", d.def, d.name, err))
 		}
+	}
+	path, given := configFileArg(args)
+	if !given {
+		path = getenv(lookupFlag("config").envVar())
+	}
+	var file *configFile
+	if path != "" {
+		var err error
+		if file, err = loadConfigFile(path); err != nil {
+			return nil, err
+		}
+		for _, s := range file.settings {
+			if err := lookupFlag(s.name).value(c).Set(s.value); err != nil {
+				return nil, fmt.Errorf("%s: invalid value %q for %s: %v", path, s.value, s.name, err)
+			}
+		}
+	}
+	for _, d := range flagDefs {
+		v := d.value(c)
 		if env := getenv(d.envVar()); env != "" {
 			if err := v.Set(env); err != nil {
 				return nil, fmt.Errorf("invalid value %q in %s (--%s): %v", env, d.envVar(), d.name, err)
@@ -205,6 +303,23 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q: qbridged takes only flags (see --help)", fs.Arg(0))
 	}
+	switch {
+	case c.RedisPassFile != "":
+		b, err := os.ReadFile(c.RedisPassFile)
+		if err != nil {
+			return nil, fmt.Errorf("--redis-password-file: %w", err)
+		}
+		c.redisPassword = strings.TrimRight(string(b), "\r\n")
+		if c.redisPassword == "" {
+			return nil, fmt.Errorf("--redis-password-file %s holds no password", c.RedisPassFile)
+		}
+	case getenv(redisPasswordEnv) != "":
+		c.redisPassword = getenv(redisPasswordEnv)
+	}
+	if file != nil {
+		c.Principals = file.principals(c.defaultLimits())
+		c.fileKeys = file.keys
+	}
 	if err := c.validate(); err != nil {
 		return nil, err
 	}
@@ -216,7 +331,11 @@ func (c *Config) validate() error {
 	var errs []string
 	bad := func(name, format string, args ...any) {
 		d := lookupFlag(name)
-		errs = append(errs, fmt.Sprintf("--%s (%s) %s", name, d.envVar(), fmt.Sprintf(format, args...)))
+		where := fmt.Sprintf("--%s (%s)", name, d.envVar())
+		if c.fileKeys[name] {
+			where = fmt.Sprintf("--%s (%s, or %s in config file %s)", name, d.envVar(), name, c.ConfigFile)
+		}
+		errs = append(errs, fmt.Sprintf("%s %s", where, fmt.Sprintf(format, args...)))
 	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		bad("tls-cert", "and --tls-key go together; give both or neither")
@@ -230,7 +349,20 @@ func (c *Config) validate() error {
 	if c.RedisDB < -1 {
 		bad("redis-db", "must be -1 (take it from --redis-url) or a database number >= 0, got %d", c.RedisDB)
 	}
+	if c.TLSCert != "" && c.Plaintext {
+		bad("plaintext", "contradicts --tls-cert; give one or the other")
+	}
+	if c.RedisURL == "" && !c.PrintRedisACL {
+		for _, name := range []string{"redis-username", "redis-password-file", "redis-ca", "redis-cert", "redis-key"} {
+			if lookupFlag(name).value(c).String() != "" {
+				bad(name, "needs --redis-url: without it qbridged uses its embedded engine")
+			}
+		}
+	}
 	if c.RedisURL != "" {
+		if c.TLSCert == "" && !c.Plaintext {
+			errs = append(errs, "refusing to serve gRPC in plaintext with a real Redis: give --tls-cert and --tls-key, or --plaintext (QBRIDGE_PLAINTEXT=true) to accept unencrypted connections (behind a TLS-terminating proxy or on a trusted network)")
+		}
 		if _, err := c.redisOptions(); err != nil {
 			errs = append(errs, err.Error())
 		}
@@ -255,6 +387,14 @@ func (c *Config) validate() error {
 	for _, p := range positive {
 		if p.v <= 0 {
 			bad(p.name, "must be a positive number, got %d", p.v)
+		}
+	}
+	for _, n := range []struct {
+		name string
+		v    float64
+	}{{"max-concurrent-streams", float64(c.MaxConcStreams)}, {"requests-per-second", c.RequestsPerSec}, {"request-burst", float64(c.RequestBurst)}, {"bytes-per-second", c.BytesPerSec}, {"max-streams", float64(c.MaxStreams)}} {
+		if n.v < 0 {
+			bad(n.name, "must be 0 (unlimited) or positive, got %g", n.v)
 		}
 	}
 	if c.Coalescing < 0 {
@@ -304,6 +444,11 @@ func (c *Config) validate() error {
 	if c.DedupWindow < time.Second || c.DedupWindow > 7*24*time.Hour {
 		bad("dedup-window", "must be between 1s and 168h, got %v", c.DedupWindow)
 	}
+	if len(c.Principals) == 0 {
+		// Nothing else to check: the default limits were checked above.
+	} else if _, err := auth.New(c.authConfig()); err != nil {
+		errs = append(errs, fmt.Sprintf("config file %s: %v", c.ConfigFile, strings.ReplaceAll(err.Error(), "\n", "; ")))
+	}
 	if len(errs) > 0 {
 		return errors.New(strings.Join(errs, "; "))
 	}
@@ -330,6 +475,12 @@ func (c *Config) redisOptions() (*redis.Options, error) {
 		if errors.As(err, &ue) {
 			err = ue.Err
 		}
+		// An escape error quotes the bad escape, which may be in the
+		// password.
+		var ee url.EscapeError
+		if errors.As(err, &ee) {
+			err = errors.New("it has an invalid %-escape")
+		}
 		return nil, fmt.Errorf("%s is not a valid URL: %v", where, err)
 	}
 	opts, err := redis.ParseURL(c.RedisURL)
@@ -339,10 +490,45 @@ func (c *Config) redisOptions() (*redis.Options, error) {
 	if c.RedisDB >= 0 {
 		opts.DB = c.RedisDB
 	}
+	if c.RedisUsername != "" {
+		opts.Username = c.RedisUsername
+	}
+	if c.redisPassword != "" {
+		opts.Password = c.redisPassword
+	}
+	if c.RedisCA != "" || c.RedisCert != "" || c.RedisKey != "" {
+		if opts.TLSConfig == nil {
+			return nil, fmt.Errorf("--redis-ca, --redis-cert and --redis-key are for TLS: use a rediss:// URL in %s", where)
+		}
+		if (c.RedisCert == "") != (c.RedisKey == "") {
+			return nil, errors.New("--redis-cert (QBRIDGE_REDIS_CERT) and --redis-key (QBRIDGE_REDIS_KEY) go together; give both or neither")
+		}
+		if c.RedisCA != "" {
+			pem, err := os.ReadFile(c.RedisCA)
+			if err != nil {
+				return nil, fmt.Errorf("--redis-ca: %w", err)
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("--redis-ca %s holds no PEM certificate", c.RedisCA)
+			}
+			opts.TLSConfig.RootCAs = pool
+		}
+		if c.RedisCert != "" {
+			pair, err := tls.LoadX509KeyPair(c.RedisCert, c.RedisKey)
+			if err != nil {
+				return nil, fmt.Errorf("--redis-cert/--redis-key: %w", err)
+			}
+			opts.TLSConfig.Certificates = []tls.Certificate{pair}
+		}
+	}
 	// Honour each call's deadline on the socket too: without this a hung
 	// Redis holds a command for the whole read timeout, whatever the
 	// caller's deadline (and the 1 s health ping would not notice it).
 	opts.ContextTimeoutEnabled = true
+	// No CLIENT SETINFO on connect: the least-privilege ACL does not allow
+	// it (Redis before 7.2 cannot even name it in a rule).
+	opts.DisableIdentity = true
 	return opts, nil
 }
 
@@ -440,6 +626,31 @@ type stringValue string
 
 func (v *stringValue) String() string     { return string(*v) }
 func (v *stringValue) Set(s string) error { *v = stringValue(s); return nil }
+
+type boolValue bool
+
+func (v *boolValue) String() string   { return strconv.FormatBool(bool(*v)) }
+func (v *boolValue) IsBoolFlag() bool { return true }
+func (v *boolValue) Set(s string) error {
+	b, err := strconv.ParseBool(strings.TrimSpace(s))
+	if err != nil {
+		return fmt.Errorf("want true or false")
+	}
+	*v = boolValue(b)
+	return nil
+}
+
+type floatValue float64
+
+func (v *floatValue) String() string { return strconv.FormatFloat(float64(*v), 'g', -1, 64) }
+func (v *floatValue) Set(s string) error {
+	f, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
+	if err != nil {
+		return fmt.Errorf("want a number such as 100 or 0.5")
+	}
+	*v = floatValue(f)
+	return nil
+}
 
 type intValue int
 

@@ -3,10 +3,19 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"flag"
 	"io"
 	"log/slog"
+	"math/big"
+	"net"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -52,6 +61,7 @@ func TestConfigDefaults(t *testing.T) {
 		ResultRetention:  24 * time.Hour,
 		LogLevel:         slog.LevelInfo,
 		LogFormat:        "text",
+		PublicHealth:     true,
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", c, want)
@@ -79,10 +89,18 @@ func TestConfigEveryFlagHasEnvVar(t *testing.T) {
 			t.Errorf("--%s has no description", d.name)
 		}
 	}
-	// Every Config field is set by exactly one flag.
-	n := reflect.TypeOf(Config{}).NumField()
+	// Every exported Config field is set by exactly one flag, but for the
+	// principals, which only the --config file has (and the Redis
+	// password, unexported, never a flag).
+	notFlags := map[string]bool{"Principals": true}
+	n := 0
+	for _, f := range reflect.VisibleFields(reflect.TypeOf(Config{})) {
+		if f.IsExported() && !notFlags[f.Name] {
+			n++
+		}
+	}
 	if len(flagDefs) != n {
-		t.Errorf("%d flags for %d Config fields", len(flagDefs), n)
+		t.Errorf("%d flags for %d exported Config fields", len(flagDefs), n)
 	}
 }
 
@@ -197,9 +215,9 @@ func TestConfigRejectsBadValues(t *testing.T) {
 			[]string{"log-level", "debug, info, warn or error"}},
 		{"log format", nil, map[string]string{"QBRIDGE_LOG_FORMAT": "xml"},
 			[]string{"QBRIDGE_LOG_FORMAT", "text or json"}},
-		{"redis url scheme", []string{"--redis-url=http://127.0.0.1:6379"}, nil,
+		{"redis url scheme", []string{"--plaintext", "--redis-url=http://127.0.0.1:6379"}, nil,
 			[]string{"--redis-url (QBRIDGE_REDIS_URL)", "scheme", "redis://"}},
-		{"redis url db", []string{"--redis-url=redis://127.0.0.1:6379/nope"}, nil,
+		{"redis url db", []string{"--plaintext", "--redis-url=redis://127.0.0.1:6379/nope"}, nil,
 			[]string{"--redis-url", "database"}},
 		{"raw queue name", []string{"--raw-queues=ok,no{braces}"}, nil,
 			[]string{"--raw-queues (QBRIDGE_RAW_QUEUES)", "no{braces}"}},
@@ -261,7 +279,7 @@ func TestConfigRedisURL(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			c, err := parseConfig(tt.args, envFunc(tt.env), io.Discard)
+			c, err := parseConfig(append([]string{"--plaintext"}, tt.args...), envFunc(tt.env), io.Discard)
 			if err != nil {
 				t.Fatalf("parseConfig: %v", err)
 			}
@@ -288,13 +306,345 @@ func TestConfigRedisURLErrorsHidePassword(t *testing.T) {
 		"redis://user:hunter2@127.0.0.1:6379/x",
 		"redis://user:hunter2@127.0.0.1:6379/0\x7f",
 	} {
-		_, err := parseConfig([]string{"--redis-url", u}, envFunc(nil), io.Discard)
+		_, err := parseConfig([]string{"--plaintext", "--redis-url", u}, envFunc(nil), io.Discard)
 		if err == nil {
 			t.Errorf("%q: accepted", u)
 			continue
 		}
 		if strings.Contains(err.Error(), "hunter2") {
 			t.Errorf("%q: error leaks the password: %v", u, err)
+		}
+	}
+}
+
+// TestConfigPlaintext: with a real Redis, qbridged serves gRPC over TLS or,
+// when told so with --plaintext, without; the embedded development mode is
+// plaintext without asking.
+func TestConfigPlaintext(t *testing.T) {
+	const url = "--redis-url=redis://127.0.0.1:6379/0"
+	tls := []string{"--tls-cert=/nonexistent/server.pem", "--tls-key=/nonexistent/server.key"} // read by run, not parsed here
+	tests := []struct {
+		name      string
+		args      []string
+		env       map[string]string
+		want      []string // all must appear in the error; nil: it parses
+		plaintext bool     // Config.Plaintext when it parses
+	}{
+		{name: "real Redis without TLS or --plaintext", args: []string{url},
+			want: []string{"--plaintext", "--tls-cert", "QBRIDGE_PLAINTEXT=true"}},
+		{name: "URL from the environment likewise", env: map[string]string{"QBRIDGE_REDIS_URL": "redis://127.0.0.1:6379/0"},
+			want: []string{"--plaintext", "--tls-cert"}},
+		{name: "--plaintext", args: []string{url, "--plaintext"}, plaintext: true},
+		{name: "--plaintext=true", args: []string{"--plaintext=true", url}, plaintext: true},
+		{name: "single dash -plaintext", args: []string{url, "-plaintext"}, plaintext: true},
+		{name: "QBRIDGE_PLAINTEXT=true", args: []string{url}, env: map[string]string{"QBRIDGE_PLAINTEXT": "true"}, plaintext: true},
+		{name: "QBRIDGE_PLAINTEXT=1", env: map[string]string{"QBRIDGE_REDIS_URL": "redis://127.0.0.1:6379/0", "QBRIDGE_PLAINTEXT": "1"}, plaintext: true},
+		{name: "QBRIDGE_PLAINTEXT=false", args: []string{url}, env: map[string]string{"QBRIDGE_PLAINTEXT": "false"},
+			want: []string{"--plaintext", "--tls-cert"}},
+		{name: "flag --plaintext=false beats env", args: []string{url, "--plaintext=false"}, env: map[string]string{"QBRIDGE_PLAINTEXT": "true"},
+			want: []string{"--plaintext", "--tls-cert"}},
+		{name: "bad QBRIDGE_PLAINTEXT", args: []string{url}, env: map[string]string{"QBRIDGE_PLAINTEXT": "yes please"},
+			want: []string{"QBRIDGE_PLAINTEXT", "--plaintext", "want true or false"}},
+		{name: "TLS instead", args: append([]string{url}, tls...)},
+		{name: "--plaintext with --tls-cert", args: append([]string{url, "--plaintext"}, tls...),
+			want: []string{"--plaintext (QBRIDGE_PLAINTEXT)", "--tls-cert"}},
+		{name: "QBRIDGE_PLAINTEXT with --tls-cert", args: append([]string{url}, tls...), env: map[string]string{"QBRIDGE_PLAINTEXT": "true"},
+			want: []string{"--plaintext", "--tls-cert"}},
+		{name: "embedded needs nothing"},
+		{name: "embedded with other flags", args: []string{"--listen=127.0.0.1:0", "--key-prefix=dev:"}},
+		{name: "embedded takes --plaintext too", args: []string{"--plaintext"}, plaintext: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := parseConfig(tt.args, envFunc(tt.env), io.Discard)
+			if tt.want == nil {
+				if err != nil {
+					t.Fatalf("parseConfig(%q, %v): %v", tt.args, tt.env, err)
+				}
+				if c.Plaintext != tt.plaintext {
+					t.Errorf("Plaintext %v, want %v", c.Plaintext, tt.plaintext)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("parseConfig(%q, %v) = %+v, want an error", tt.args, tt.env, c)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+			// And run reports it instead of starting.
+			if rerr := run(context.Background(), tt.args, envFunc(tt.env), io.Discard, io.Discard); rerr == nil || rerr.Error() != err.Error() {
+				t.Errorf("run: %v, want %v", rerr, err)
+			}
+		})
+	}
+}
+
+// writeConfigTestFile writes b to a new file in a temporary directory and
+// returns its path.
+func writeConfigTestFile(t *testing.T, name string, b []byte) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestConfigRedisCredentials: --redis-username overrides the URL's user;
+// the password comes from --redis-password-file, else QBRIDGE_REDIS_PASSWORD,
+// else the URL.
+func TestConfigRedisCredentials(t *testing.T) {
+	const withCreds = "redis://urluser:urlpass@127.0.0.1:6379/0"
+	const noCreds = "redis://127.0.0.1:6379/0"
+	tests := []struct {
+		name     string
+		url      string
+		username string // --redis-username, when not empty
+		file     string // contents of --redis-password-file, when not empty
+		fileEnv  bool   // name the file with QBRIDGE_REDIS_PASSWORD_FILE instead
+		env      string // QBRIDGE_REDIS_PASSWORD, when not empty
+		user     string
+		pass     string
+	}{
+		{name: "none", url: noCreds},
+		{name: "URL", url: withCreds, user: "urluser", pass: "urlpass"},
+		{name: "env beats URL", url: withCreds, env: "envpass", user: "urluser", pass: "envpass"},
+		{name: "env without URL password", url: noCreds, env: "envpass", pass: "envpass"},
+		{name: "file beats env and URL", url: withCreds, file: "filepass", env: "envpass", user: "urluser", pass: "filepass"},
+		{name: "file without URL password", url: noCreds, file: "filepass", pass: "filepass"},
+		{name: "file named in the environment", url: withCreds, file: "filepass", fileEnv: true, env: "envpass", user: "urluser", pass: "filepass"},
+		{name: "trailing newline of the file trimmed", url: noCreds, file: "filepass\n", pass: "filepass"},
+		{name: "trailing CRLF of the file trimmed", url: noCreds, file: "filepass\r\n", pass: "filepass"},
+		{name: "inner blanks of the file kept", url: noCreds, file: " file pass \n", pass: " file pass "},
+		{name: "username flag beats URL", url: withCreds, username: "flaguser", user: "flaguser", pass: "urlpass"},
+		{name: "username flag with env password", url: noCreds, username: "flaguser", env: "envpass", user: "flaguser", pass: "envpass"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := []string{"--plaintext", "--redis-url", tt.url}
+			env := map[string]string{}
+			if tt.username != "" {
+				args = append(args, "--redis-username", tt.username)
+			}
+			if tt.file != "" {
+				p := writeConfigTestFile(t, "redis-password", []byte(tt.file))
+				if tt.fileEnv {
+					env["QBRIDGE_REDIS_PASSWORD_FILE"] = p
+				} else {
+					args = append(args, "--redis-password-file", p)
+				}
+			}
+			if tt.env != "" {
+				env[redisPasswordEnv] = tt.env
+			}
+			c, err := parseConfig(args, envFunc(env), io.Discard)
+			if err != nil {
+				t.Fatalf("parseConfig(%q, %v): %v", args, env, err)
+			}
+			o, err := c.redisOptions()
+			if err != nil {
+				t.Fatalf("redisOptions: %v", err)
+			}
+			if o.Username != tt.user || o.Password != tt.pass {
+				t.Errorf("credentials %q/%q, want %q/%q", o.Username, o.Password, tt.user, tt.pass)
+			}
+		})
+	}
+}
+
+func TestConfigRedisPasswordFileMissing(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "no-such-file")
+	args := []string{"--plaintext", "--redis-url=redis://127.0.0.1:6379/0", "--redis-password-file", missing}
+	_, err := parseConfig(args, envFunc(map[string]string{redisPasswordEnv: "envpass"}), io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "--redis-password-file") || !strings.Contains(err.Error(), missing) {
+		t.Fatalf("parseConfig with a missing password file: %v, want an error naming --redis-password-file and %s", err, missing)
+	}
+	// The environment's password is not a fallback for a file that was
+	// asked for.
+	if strings.Contains(err.Error(), "envpass") {
+		t.Errorf("error leaks the password: %v", err)
+	}
+}
+
+// selfSignedPEM returns a self-signed certificate and its key, PEM-encoded.
+func selfSignedPEM(t *testing.T) (certPEM, keyPEM []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "qbridged config test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
+}
+
+// TestConfigRedisTLSFiles: --redis-ca, --redis-cert and --redis-key need a
+// rediss:// URL, go together as they should, and must hold PEM.
+func TestConfigRedisTLSFiles(t *testing.T) {
+	certPEM, keyPEM := selfSignedPEM(t)
+	ca := writeConfigTestFile(t, "ca.pem", certPEM)
+	cert := writeConfigTestFile(t, "client.pem", certPEM)
+	key := writeConfigTestFile(t, "client.key", keyPEM)
+	notPEM := writeConfigTestFile(t, "not.pem", []byte("this is not a certificate\n"))
+	missing := filepath.Join(t.TempDir(), "missing.pem")
+	const tlsURL = "--redis-url=rediss://127.0.0.1:6380/0"
+
+	t.Run("accepted", func(t *testing.T) {
+		for _, tc := range []struct {
+			name        string
+			args        []string
+			ca, clients bool
+		}{
+			{"CA", []string{tlsURL, "--redis-ca", ca}, true, false},
+			{"client certificate", []string{tlsURL, "--redis-cert", cert, "--redis-key", key}, false, true},
+			{"both", []string{tlsURL, "--redis-ca", ca, "--redis-cert", cert, "--redis-key", key}, true, true},
+		} {
+			c, err := parseConfig(append([]string{"--plaintext"}, tc.args...), envFunc(nil), io.Discard)
+			if err != nil {
+				t.Fatalf("%s: parseConfig: %v", tc.name, err)
+			}
+			o, err := c.redisOptions()
+			if err != nil {
+				t.Fatalf("%s: redisOptions: %v", tc.name, err)
+			}
+			if o.TLSConfig == nil {
+				t.Fatalf("%s: no TLS config", tc.name)
+			}
+			if (o.TLSConfig.RootCAs != nil) != tc.ca || (len(o.TLSConfig.Certificates) == 1) != tc.clients {
+				t.Errorf("%s: RootCAs %v, %d client certificates; want CA %v, client certificate %v",
+					tc.name, o.TLSConfig.RootCAs != nil, len(o.TLSConfig.Certificates), tc.ca, tc.clients)
+			}
+		}
+	})
+
+	tests := []struct {
+		name string
+		args []string
+		want []string
+	}{
+		{"CA with redis://", []string{"--redis-url=redis://127.0.0.1:6379/0", "--redis-ca", ca},
+			[]string{"--redis-ca", "rediss://"}},
+		{"client certificate with redis://", []string{"--redis-url=redis://127.0.0.1:6379/0", "--redis-cert", cert, "--redis-key", key},
+			[]string{"--redis-cert", "rediss://"}},
+		{"CA with unix://", []string{"--redis-url=unix:///run/redis.sock", "--redis-ca", ca},
+			[]string{"--redis-ca", "rediss://"}},
+		{"cert without key", []string{tlsURL, "--redis-cert", cert},
+			[]string{"--redis-cert", "--redis-key", "together"}},
+		{"key without cert", []string{tlsURL, "--redis-key", key},
+			[]string{"--redis-cert", "--redis-key", "together"}},
+		{"CA not PEM", []string{tlsURL, "--redis-ca", notPEM},
+			[]string{"--redis-ca", notPEM, "no PEM certificate"}},
+		{"CA missing", []string{tlsURL, "--redis-ca", missing},
+			[]string{"--redis-ca", missing}},
+		{"cert missing", []string{tlsURL, "--redis-cert", missing, "--redis-key", key},
+			[]string{"--redis-cert", missing}},
+		{"key not PEM", []string{tlsURL, "--redis-cert", cert, "--redis-key", notPEM},
+			[]string{"--redis-cert/--redis-key"}},
+		{"cert and key swapped", []string{tlsURL, "--redis-cert", key, "--redis-key", cert},
+			[]string{"--redis-cert/--redis-key"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append([]string{"--plaintext"}, tt.args...)
+			c, err := parseConfig(args, envFunc(nil), io.Discard)
+			if err == nil {
+				t.Fatalf("parseConfig(%q) = %+v, want an error", args, c)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+// TestConfigErrorsHideRedisPassword: whatever goes wrong, and wherever the
+// password comes from, no error message contains it.
+func TestConfigErrorsHideRedisPassword(t *testing.T) {
+	const secret = "Zq9xK-not-for-logs-7731"
+	passFile := writeConfigTestFile(t, "redis-password", []byte(secret+"\n"))
+	// A "CA" that is the password file: its contents must not be echoed.
+	certPEM, _ := selfSignedPEM(t)
+	cert := writeConfigTestFile(t, "client.pem", certPEM)
+	missing := filepath.Join(t.TempDir(), "missing.pem")
+	envPass := map[string]string{redisPasswordEnv: secret}
+	tests := []struct {
+		name string
+		args []string
+		env  map[string]string
+	}{
+		{"bad db in URL", []string{"--plaintext", "--redis-url=redis://u:" + secret + "@127.0.0.1:6379/nope"}, nil},
+		{"bad scheme", []string{"--plaintext", "--redis-url=http://u:" + secret + "@127.0.0.1:6379/0"}, nil},
+		{"unparsable URL", []string{"--plaintext", "--redis-url=redis://u:" + secret + "@127.0.0.1:6379/0\x7f"}, nil},
+		{"bad option in URL", []string{"--plaintext", "--redis-url=redis://u:" + secret + "@127.0.0.1:6379/0?nope=1"}, nil},
+		{"URL in the environment", nil, map[string]string{"QBRIDGE_REDIS_URL": "redis://u:" + secret + "@127.0.0.1:6379/x", "QBRIDGE_PLAINTEXT": "true"}},
+		{"no --plaintext", []string{"--redis-url=redis://u:" + secret + "@127.0.0.1:6379/0"}, nil},
+		{"--plaintext and --tls-cert", []string{"--plaintext", "--tls-cert=a.pem", "--tls-key=a.key", "--redis-url=redis://u:" + secret + "@127.0.0.1:6379/0"}, nil},
+		{"CA with redis:// and the password in the URL", []string{"--plaintext", "--redis-url=redis://u:" + secret + "@127.0.0.1:6379/0", "--redis-ca", cert}, nil},
+		{"bad --redis-cert path, password in the URL", []string{"--plaintext", "--redis-url=rediss://u:" + secret + "@127.0.0.1:6380/0", "--redis-cert", missing, "--redis-key", missing}, nil},
+		{"bad --redis-cert path, password in the environment", []string{"--plaintext", "--redis-url=rediss://127.0.0.1:6380/0", "--redis-cert", missing, "--redis-key", missing}, envPass},
+		{"bad --redis-cert path, password in a file", []string{"--plaintext", "--redis-url=rediss://127.0.0.1:6380/0", "--redis-password-file", passFile, "--redis-cert", missing, "--redis-key", missing}, nil},
+		{"password file as CA", []string{"--plaintext", "--redis-url=rediss://127.0.0.1:6380/0", "--redis-ca", passFile}, envPass},
+		{"password file as client key", []string{"--plaintext", "--redis-url=rediss://127.0.0.1:6380/0", "--redis-cert", cert, "--redis-key", passFile}, envPass},
+		{"cert without key", []string{"--plaintext", "--redis-url=rediss://u:" + secret + "@127.0.0.1:6380/0", "--redis-cert", cert}, nil},
+		{"bad URL, password in a file", []string{"--plaintext", "--redis-url=redis://127.0.0.1:6379/nope", "--redis-password-file", passFile}, nil},
+		{"bad URL, password in the environment", []string{"--plaintext", "--redis-url=redis://127.0.0.1:6379/nope"}, envPass},
+		{"other bad values", []string{"--redis-url=redis://u:" + secret + "@127.0.0.1:6379/0", "--max-batch=0", "--redis-db=-5"}, envPass},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseConfig(tt.args, envFunc(tt.env), io.Discard)
+			if err == nil {
+				t.Fatalf("parseConfig(%q, %v): accepted, want an error", tt.args, tt.env)
+			}
+			if strings.Contains(err.Error(), secret) {
+				t.Errorf("parse error leaks the password: %v", err)
+			}
+			var stderr bytes.Buffer
+			if rerr := run(context.Background(), tt.args, envFunc(tt.env), io.Discard, &stderr); rerr == nil || strings.Contains(rerr.Error(), secret) || strings.Contains(stderr.String(), secret) {
+				t.Errorf("run: %v (stderr %q), want an error without the password", rerr, stderr.String())
+			}
+		})
+	}
+}
+
+// TestRedisPasswordNotLogged: qbridged on an unreachable Redis, at debug
+// level, logs neither the URL's password nor the one from the environment.
+func TestRedisPasswordNotLogged(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := ln.Addr().String() // nothing listens there once closed
+	ln.Close()
+	const urlSecret, envSecret = "url-Zq9xK-not-for-logs", "env-Zq9xK-not-for-logs"
+	d := startDaemon(t, []string{"--listen", "127.0.0.1:0", "--plaintext", "--log-level", "debug",
+		"--redis-url", "redis://app:" + urlSecret + "@" + dead + "/0"}, map[string]string{redisPasswordEnv: envSecret})
+	if err := d.stop(t); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	logs := d.logs.String()
+	if !strings.Contains(logs, "using Redis") {
+		t.Fatalf("no 'using Redis' line; logs:\n%s", logs)
+	}
+	for _, s := range []string{urlSecret, envSecret} {
+		if strings.Contains(logs, s) {
+			t.Errorf("the logs contain a Redis password:\n%s", logs)
 		}
 	}
 }

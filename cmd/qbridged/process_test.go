@@ -118,7 +118,7 @@ func TestSIGKILLRedelivery(t *testing.T) {
 	}
 	rs := redistest.Start(t)
 	bin := buildBinary(t)
-	args := []string{"--listen", "127.0.0.1:0", "--redis-url", rs.URL(0), "--reap-interval", "200ms"}
+	args := []string{"--listen", "127.0.0.1:0", "--redis-url", rs.URL(0), "--plaintext", "--reap-interval", "200ms"}
 	a := startProc(t, bin, args...)
 	b := startProc(t, bin, args...)
 	qa := qbridgev1.NewQueueServiceClient(dial(t, a.addr))

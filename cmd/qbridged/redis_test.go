@@ -24,7 +24,7 @@ func TestGracefulShutdownRequeues(t *testing.T) {
 	const db, prefix, queue = 5, "gs:", "drainq"
 	d := startDaemon(t, []string{
 		"--listen", "127.0.0.1:0",
-		"--redis-url", rs.URL(db),
+		"--redis-url", rs.URL(db), "--plaintext",
 		"--key-prefix", prefix,
 		"--drain-timeout", "300ms",
 	}, nil)
@@ -114,7 +114,7 @@ func TestDrainWaitsForAcks(t *testing.T) {
 	const queue, drain = "ackq", 3 * time.Second
 	d := startDaemon(t, []string{
 		"--listen", "127.0.0.1:0",
-		"--redis-url", rs.URL(0),
+		"--redis-url", rs.URL(0), "--plaintext",
 		"--drain-timeout", drain.String(),
 	}, nil)
 	cc := dial(t, d.addr)
@@ -187,7 +187,7 @@ func TestDrainWaitsForAcks(t *testing.T) {
 func TestHealthFollowsRedis(t *testing.T) {
 	rs := redistest.Start(t)
 	rs.Stop(t)
-	d := startDaemon(t, []string{"--listen", "127.0.0.1:0", "--redis-url", rs.URL(0)}, nil)
+	d := startDaemon(t, []string{"--listen", "127.0.0.1:0", "--redis-url", rs.URL(0), "--plaintext"}, nil)
 	if !strings.Contains(d.logs.String(), "cannot preload Lua scripts") {
 		t.Errorf("no warning about the failed script preload; logs:\n%s", d.logs)
 	}

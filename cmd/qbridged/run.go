@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -30,7 +31,9 @@ import (
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 	"github.com/qbridge/qbridge/server"
+	"github.com/qbridge/qbridge/server/auth"
 	"github.com/qbridge/qbridge/server/broker"
+	"github.com/qbridge/qbridge/server/broker/redisacl"
 )
 
 const (
@@ -43,7 +46,7 @@ const (
 	// keepaliveMinTime is the shortest client ping interval tolerated.
 	keepaliveMinTime = 5 * time.Second
 
-	embeddedWarning = "EMBEDDED IN-MEMORY ENGINE: nothing is durable, all messages are lost when qbridged stops; set --redis-url / QBRIDGE_REDIS_URL for production"
+	embeddedWarning = "EMBEDDED IN-MEMORY ENGINE: nothing is durable, all messages are lost when qbridged stops; for production set --redis-url / QBRIDGE_REDIS_URL (with --tls-cert/--tls-key, or --plaintext)"
 	// panicMessage is what a client sees when a handler panicked.
 	panicMessage = "internal error; see qbridged logs"
 )
@@ -66,6 +69,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	if err != nil {
 		return err
+	}
+	if cfg.PrintRedisACL {
+		printRedisACL(stdout, cfg)
+		return nil
 	}
 	log := newLogger(cfg, stderr)
 	redisLog.Store(log)
@@ -164,7 +171,22 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			}
 		}()
 	}
-	gs := newGRPCServer(cfg, log, creds...)
+	guard, err := auth.New(cfg.authConfig(), auth.WithLogger(log))
+	if err != nil {
+		return fmt.Errorf("authentication settings: %w", err)
+	}
+	switch {
+	case guard.Enabled():
+		log.Info("authentication on: callers need a bearer token or a client certificate of a configured principal", "principals", len(cfg.Principals), "public_health", cfg.PublicHealth, "public_reflection", cfg.PublicReflection)
+		if cfg.TLSCert == "" {
+			log.Warn("bearer tokens are sent in plaintext (no --tls-cert): anyone on the network path can read and reuse them")
+		}
+	case cfg.RedisURL == "":
+		log.Info("authentication off: every caller may do everything (development mode)")
+	default:
+		log.Warn("AUTHENTICATION OFF: every caller may do everything; define principals in a --config file for production")
+	}
+	gs := newGRPCServer(cfg, log, guard, creds...)
 	defer gs.Stop() // a no-op after the graceful stop below
 	qbridgev1.RegisterQueueServiceServer(gs, srv)
 	qbridgev1.RegisterAdminServiceServer(gs, srv.Admin())
@@ -280,8 +302,15 @@ func newLogger(cfg *Config, w io.Writer) *slog.Logger {
 
 // newGRPCServer returns the gRPC server with keepalive, message size limits
 // and the interceptor chain.
-func newGRPCServer(cfg *Config, log *slog.Logger, extra ...grpc.ServerOption) *grpc.Server {
+func newGRPCServer(cfg *Config, log *slog.Logger, guard *auth.Guard, extra ...grpc.ServerOption) *grpc.Server {
 	unary, stream := interceptors(log)
+	// The guard comes after logging and panic recovery, so that denials
+	// are logged as calls too.
+	unary = append(unary, guard.UnaryInterceptors()...)
+	stream = append(stream, guard.StreamInterceptors()...)
+	if cfg.MaxConcStreams > 0 {
+		extra = append(extra, grpc.MaxConcurrentStreams(uint32(cfg.MaxConcStreams)))
+	}
 	return grpc.NewServer(append([]grpc.ServerOption{
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			Time:    cfg.KeepaliveTime,
@@ -386,4 +415,21 @@ func (h *healthWatch) check(ctx context.Context) {
 		h.log.Warn("Redis unreachable; health NOT_SERVING until it answers", "err", err)
 	}
 	h.known, h.serving = true, serving
+}
+
+// printRedisACL writes the ACL of the Redis user qbridged needs, for
+// redis-cli and for an ACL file, with a placeholder for the password.
+func printRedisACL(w io.Writer, cfg *Config) {
+	user := cfg.RedisUsername
+	if user == "" {
+		user = "qbridge"
+	}
+	args := redisacl.SetUser(user, "PASSWORD", cfg.KeyPrefix)
+	words := make([]string, len(args))
+	for i, a := range args {
+		words[i] = fmt.Sprint(a)
+	}
+	fmt.Fprintf(w, "# Least-privilege Redis ACL for qbridged (key prefix %q); replace PASSWORD.\n", cfg.KeyPrefix)
+	fmt.Fprintf(w, "# With redis-cli:\n%s\n", strings.Join(words, " "))
+	fmt.Fprintf(w, "# Or as a line of an ACL file (aclfile) or redis.conf:\n%s\n", redisacl.ConfigLine(user, "PASSWORD", cfg.KeyPrefix))
 }

@@ -19,6 +19,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -30,6 +31,7 @@ import (
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 	"github.com/qbridge/qbridge/internal/redistest"
+	"github.com/qbridge/qbridge/server/auth"
 )
 
 // RequireEnv makes a missing client toolchain fail the tests instead of
@@ -67,7 +69,12 @@ func service(t *testing.T, creds credentials.TransportCredentials, extra ...stri
 	}
 	addr = l.Addr().String()
 	l.Close()
-	cmd := exec.Command(bin, append([]string{"--listen", addr, "--redis-url", rs.URL(0), "--log-level", "warn"}, extra...)...)
+	args := []string{"--listen", addr, "--redis-url", rs.URL(0), "--log-level", "warn"}
+	if !slices.Contains(extra, "--tls-cert") {
+		// A real Redis without TLS needs the explicit opt-in.
+		args = append(args, "--plaintext")
+	}
+	cmd := exec.Command(bin, append(args, extra...)...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -388,27 +395,41 @@ func TestTLSClients(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// One principal, known by its token, may produce to tls-q only.
+	conf := "[[principal]]\nname = \"xlang\"\ntokens = [\"" + auth.HashToken("s3cret") + "\"]\n" +
+		"  [[principal.grant]]\n  queues = [\"tls-q\"]\n  allow = [\"produce\"]\n"
+	if err := os.WriteFile(filepath.Join(dir, "qbridged.toml"), []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(caPEM)
 	addr, _ := service(t, credentials.NewTLS(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}),
-		"--tls-cert", filepath.Join(dir, "server.pem"), "--tls-key", filepath.Join(dir, "server.key"))
+		"--tls-cert", filepath.Join(dir, "server.pem"), "--tls-key", filepath.Join(dir, "server.key"),
+		"--config", filepath.Join(dir, "qbridged.toml"))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	for _, tc := range []struct {
 		name      string
 		run       func(t *testing.T, ctx context.Context, mode, addr string, args ...string) (<-chan string, func() error)
 		ca, token string
+		queue     string
 		want      string
 	}{
-		{"python over TLS with a token", python, filepath.Join(dir, "ca.pem"), "s3cret", "id "},
-		{"python plaintext", python, "", "", "error Unavailable"},
-		{"node over TLS with a token", node, filepath.Join(dir, "ca.pem"), "s3cret", "id "},
-		{"node plaintext", node, "", "", "error Unavailable"},
+		{"python over TLS with a token", python, filepath.Join(dir, "ca.pem"), "s3cret", "tls-q", "id "},
+		{"python plaintext", python, "", "", "tls-q", "error Unavailable"},
+		{"python without a token", python, filepath.Join(dir, "ca.pem"), "", "tls-q", "error Unauthenticated"},
+		{"python with a wrong token", python, filepath.Join(dir, "ca.pem"), "wrong", "tls-q", "error Unauthenticated"},
+		{"python on a queue not granted", python, filepath.Join(dir, "ca.pem"), "s3cret", "tls-other", "error PermissionDenied"},
+		{"node over TLS with a token", node, filepath.Join(dir, "ca.pem"), "s3cret", "tls-q", "id "},
+		{"node plaintext", node, "", "", "tls-q", "error Unavailable"},
+		{"node without a token", node, filepath.Join(dir, "ca.pem"), "", "tls-q", "error Unauthenticated"},
+		{"node with a wrong token", node, filepath.Join(dir, "ca.pem"), "wrong", "tls-q", "error Unauthenticated"},
+		{"node on a queue not granted", node, filepath.Join(dir, "ca.pem"), "s3cret", "tls-other", "error PermissionDenied"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Setenv("XLANG_CA", tc.ca)
 			t.Setenv("XLANG_TOKEN", tc.token)
-			lines, wait := tc.run(t, ctx, "enqueue-one", addr, "tls-q")
+			lines, wait := tc.run(t, ctx, "enqueue-one", addr, tc.queue)
 			if got := next(t, lines); !strings.HasPrefix(got, tc.want) {
 				t.Fatalf("got %q; want %q...", got, tc.want)
 			}

@@ -111,7 +111,7 @@ func TestReadmeExamples(t *testing.T) {
 	grpcurl := findTool(t, root, "grpcurl")
 	redisCli := findTool(t, root, "redis-cli")
 	rs := redistest.Start(t)
-	addr := startDaemon(t, root, "--redis-url", rs.URL(5))
+	addr := startDaemon(t, root, "--redis-url", rs.URL(5), "--plaintext")
 	port := rs.Addr()[strings.LastIndex(rs.Addr(), ":")+1:]
 	runExamples(t, root, addr, grpcurl, redisCli, port)
 }

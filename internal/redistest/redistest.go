@@ -6,6 +6,13 @@
 // process for the lifetime of the test. The process is killed (by PID) and the
 // directory removed at test cleanup.
 //
+// Every server has, besides the all-powerful default user (used by Client,
+// for the test's own inspection), the user ServiceUser with exactly the
+// least-privilege ACL qbridge documents (package redisacl): URL and
+// ServiceOptions connect as that user, so qbridge under test runs with the
+// permissions operators give it. WithTLS makes the server speak TLS only,
+// with client certificates.
+//
 // If no redis-server binary can be found, Start skips the test with a loud
 // message, unless QBRIDGE_REQUIRE_REDIS is "1" or "true", in which case the
 // test fails instead.
@@ -14,6 +21,7 @@ package redistest
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -29,12 +37,28 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/qbridge/qbridge/internal/testcerts"
+	"github.com/qbridge/qbridge/server/broker/redisacl"
 )
 
 const (
 	// RequireEnv is the environment variable that turns a missing
 	// redis-server binary into a test failure instead of a skip.
 	RequireEnv = "QBRIDGE_REQUIRE_REDIS"
+
+	// ServiceUser is the ACL user of every Server that URL and
+	// ServiceOptions connect as: it has redisacl.Rules("") (or the prefix
+	// of WithServicePrefix) and nothing more.
+	ServiceUser = "qbridge"
+	// ServicePassword is ServiceUser's password (URL-safe).
+	ServicePassword = "qbridge-test-secret"
+
+	// ACLLogEnv names a file that, when set, every Server appends its ACL
+	// LOG to at test cleanup: what the ACL refused, and to whom (to find
+	// what ServiceUser lacks). The ACL LOG is logged anyway when a test
+	// fails.
+	ACLLogEnv = "QBRIDGE_REDIS_ACL_LOG"
 
 	readyTimeout   = 10 * time.Second
 	exitTimeout    = 10 * time.Second
@@ -62,8 +86,10 @@ var findRedisServer = func() string {
 }
 
 type config struct {
-	aof  bool
-	args []string
+	aof           bool
+	args          []string
+	tls           bool
+	servicePrefix string
 }
 
 // Option configures a Server.
@@ -73,6 +99,22 @@ type Option func(*config)
 // acknowledged write survives a SIGKILL followed by Restart.
 func WithAOF() Option {
 	return func(c *config) { c.aof = true }
+}
+
+// WithServicePrefix gives ServiceUser the ACL for key prefix prefix
+// (redisacl.Rules(prefix)) instead of the one for the empty prefix.
+func WithServicePrefix(prefix string) Option {
+	return func(c *config) { c.servicePrefix = prefix }
+}
+
+// WithTLS makes redis-server listen with TLS only (no plaintext port), and
+// require a client certificate. Start generates a CA, a server certificate
+// for 127.0.0.1 and a client certificate into the server's directory (see
+// TLSFiles); URL then returns a rediss:// URL, and Client and
+// ServiceOptions are set up with the CA and the client certificate. If
+// redis-server was built without TLS, Start skips the test.
+func WithTLS() Option {
+	return func(c *config) { c.tls = true }
 }
 
 // WithArgs appends extra redis-server command-line arguments, e.g.
@@ -89,6 +131,8 @@ type Server struct {
 	dir  string
 	port int
 	cfg  config
+	// certs is the TLS material (WithTLS only).
+	certs *testcerts.Set
 
 	mu   sync.Mutex
 	proc *process // current process; nil before the first successful start
@@ -153,6 +197,17 @@ func Start(t testing.TB, opts ...Option) *Server {
 	}
 	s := &Server{bin: bin, dir: dir, cfg: cfg}
 	t.Cleanup(func() { s.cleanup(t) })
+	if cfg.tls {
+		if why := tlsUnsupported(bin); why != "" {
+			t.Skipf("\n"+
+				"########################################################################\n"+
+				"### SKIPPING TLS Redis test: %s was built without TLS support (%s)\n"+
+				"### (a redis-server built with BUILD_TLS=yes, like Debian's, runs it)\n"+
+				"########################################################################", bin, why)
+			return nil
+		}
+		s.certs = testcerts.WriteSet(t, dir, "redistest client")
+	}
 
 	var lastErr error
 	for attempt := 1; attempt <= startAttempts; attempt++ {
@@ -192,14 +247,88 @@ func freePort() (int, error) {
 	return port, nil
 }
 
+// tlsProbe caches tlsUnsupported per binary.
+var tlsProbe sync.Map // bin -> string
+
+// tlsUnsupported returns why bin cannot serve TLS, or "" if it can. A
+// redis-server 7.0 built without TLS does not know the tls-port directive;
+// one built with it exits at once with "--port 0 --tls-port 0" because it
+// has nowhere to listen. (Should a build pass this probe and still lack
+// TLS, Start fails with redis-server's own complaint in the log tail.)
+func tlsUnsupported(bin string) string {
+	if v, ok := tlsProbe.Load(bin); ok {
+		return v.(string)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
+	defer cancel()
+	out, _ := exec.CommandContext(ctx, bin, "--port", "0", "--tls-port", "0", "--save", "", "--appendonly", "no", "--logfile", "").CombinedOutput()
+	why := ""
+	switch text := string(out); {
+	case strings.Contains(text, "Bad directive") || strings.Contains(text, "FATAL CONFIG FILE ERROR"):
+		why = "it rejects --tls-port"
+	case !strings.Contains(text, "Configured to not listen anywhere"):
+		why = "unexpected answer to --tls-port: " + strings.TrimSpace(lastLines(text, 3))
+	}
+	tlsProbe.Store(bin, why)
+	return why
+}
+
+func lastLines(text string, n int) string {
+	lines := strings.Split(strings.TrimRight(text, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
 // Addr returns "127.0.0.1:PORT".
 func (s *Server) Addr() string {
 	return net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port))
 }
 
-// URL returns "redis://127.0.0.1:PORT/DB".
+// URL returns the URL qbridge under test should use: ServiceUser's,
+// "redis://qbridge:<ServicePassword>@127.0.0.1:PORT/DB", or rediss:// with
+// WithTLS (the URL carries no certificates: see TLSFiles).
 func (s *Server) URL(db int) string {
-	return fmt.Sprintf("redis://%s/%d", s.Addr(), db)
+	scheme := "redis"
+	if s.certs != nil {
+		scheme = "rediss"
+	}
+	return fmt.Sprintf("%s://%s:%s@%s/%d", scheme, ServiceUser, ServicePassword, s.Addr(), db)
+}
+
+// TLSFiles returns the PEM files of the CA (that signed the server's and
+// the client's certificates) and of the client certificate and its key;
+// all empty without WithTLS.
+func (s *Server) TLSFiles() (ca, cert, key string) {
+	if s.certs == nil {
+		return "", "", ""
+	}
+	return s.certs.Files.CA, s.certs.Files.ClientCert, s.certs.Files.ClientKey
+}
+
+// tlsConfig returns a fresh client TLS configuration (nil without
+// WithTLS): trust the test CA, present the client certificate.
+func (s *Server) tlsConfig() *tls.Config {
+	if s.certs == nil {
+		return nil
+	}
+	c := s.certs.ClientConfig()
+	c.ServerName = "127.0.0.1"
+	return c
+}
+
+// ServiceOptions returns go-redis options for database db as ServiceUser
+// (with the TLS configuration under WithTLS): what an in-process qbridge
+// broker under test should use. Callers may set further fields.
+func (s *Server) ServiceOptions(db int) *redis.Options {
+	return &redis.Options{
+		Addr:      s.Addr(),
+		DB:        db,
+		Username:  ServiceUser,
+		Password:  ServicePassword,
+		TLSConfig: s.tlsConfig(),
+	}
 }
 
 // Dir returns the server's data directory (holds redis.log and AOF files).
@@ -215,13 +344,16 @@ func (s *Server) PID() int {
 	return s.proc.cmd.Process.Pid
 }
 
-// Client returns a go-redis client for database db; it is closed at test
-// cleanup. The client keeps working across Restart (it reconnects).
+// Client returns a go-redis client for database db as the default user
+// (every permission; for the test's own inspection and set-up); it is
+// closed at test cleanup. The client keeps working across Restart (it
+// reconnects).
 func (s *Server) Client(t testing.TB, db int) *redis.Client {
 	t.Helper()
 	c := redis.NewClient(&redis.Options{
-		Addr: s.Addr(),
-		DB:   db,
+		Addr:      s.Addr(),
+		DB:        db,
+		TLSConfig: s.tlsConfig(),
 	})
 	t.Cleanup(func() { _ = c.Close() })
 	return c
@@ -305,8 +437,21 @@ func (s *Server) logPath() string    { return filepath.Join(s.dir, "redis.log") 
 func (s *Server) stderrPath() string { return filepath.Join(s.dir, "redis.stdout-stderr.log") }
 
 func (s *Server) args() []string {
-	args := []string{
-		"--port", strconv.Itoa(s.port),
+	var args []string
+	if s.certs != nil {
+		f := s.certs.Files
+		args = []string{
+			"--port", "0",
+			"--tls-port", strconv.Itoa(s.port),
+			"--tls-cert-file", f.ServerCert,
+			"--tls-key-file", f.ServerKey,
+			"--tls-ca-cert-file", f.CA,
+			"--tls-auth-clients", "yes",
+		}
+	} else {
+		args = []string{"--port", strconv.Itoa(s.port)}
+	}
+	args = append(args,
 		"--bind", "127.0.0.1",
 		"--protected-mode", "no",
 		"--daemonize", "no",
@@ -314,7 +459,11 @@ func (s *Server) args() []string {
 		"--logfile", s.logPath(),
 		"--databases", "16",
 		"--save", "",
-	}
+	)
+	// ServiceUser, as a "user" directive: redis-server quotes each
+	// argument, so the rules reach its ACL parser one by one, unchanged.
+	args = append(args, "--user", ServiceUser, "on", ">"+ServicePassword)
+	args = append(args, redisacl.Rules(s.cfg.servicePrefix)...)
 	if s.cfg.aof {
 		args = append(args, "--appendonly", "yes", "--appendfsync", "always")
 	} else {
@@ -372,6 +521,7 @@ func (s *Server) launch() error {
 func (s *Server) waitReady(p *process) error {
 	c := redis.NewClient(&redis.Options{
 		Addr:         s.Addr(),
+		TLSConfig:    s.tlsConfig(),
 		DialTimeout:  250 * time.Millisecond,
 		ReadTimeout:  500 * time.Millisecond,
 		WriteTimeout: 500 * time.Millisecond,
@@ -498,13 +648,57 @@ func tailFile(path string, n int) string {
 // cleanup kills the process (only the one we started, by PID), reaps it and
 // removes the data directory. If the test failed, the log tail is logged.
 func (s *Server) cleanup(t testing.TB) {
+	// What the ACL refused (ServiceUser's missing permissions show here),
+	// read while the server still runs.
+	var refused string
+	if dump := os.Getenv(ACLLogEnv); t.Failed() || dump != "" {
+		refused = s.aclLog()
+		if dump != "" && refused != "" {
+			appendFile(dump, fmt.Sprintf("--- %s (redis-server %s)\n%s", t.Name(), s.Addr(), refused))
+		}
+	}
 	if err := s.kill(); err != nil {
 		t.Errorf("redistest: cleanup: %v", err)
 	}
 	if t.Failed() {
 		t.Logf("redistest: redis-server on %s (dir %s):\n%s", s.Addr(), s.dir, s.logTail())
+		if refused != "" {
+			t.Logf("redistest: ACL LOG of %s:\n%s", s.Addr(), refused)
+		}
 	}
 	if err := os.RemoveAll(s.dir); err != nil {
 		t.Errorf("redistest: cleanup: remove %s: %v", s.dir, err)
 	}
+}
+
+// aclLog returns the entries of the server's ACL LOG, one a line, or "" if
+// there are none or the server does not answer.
+func (s *Server) aclLog() string {
+	p := s.current()
+	if p == nil || p.exited() {
+		return ""
+	}
+	c := redis.NewClient(&redis.Options{Addr: s.Addr(), TLSConfig: s.tlsConfig(), MaxRetries: -1,
+		DialTimeout: time.Second, ReadTimeout: time.Second, WriteTimeout: time.Second})
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	entries, err := c.ACLLog(ctx, 1000).Result()
+	if err != nil {
+		return ""
+	}
+	var b strings.Builder
+	for _, e := range entries {
+		fmt.Fprintf(&b, "user=%s reason=%s context=%s object=%q count=%d\n", e.Username, e.Reason, e.Context, e.Object, e.Count)
+	}
+	return b.String()
+}
+
+func appendFile(path, text string) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return
+	}
+	_, _ = f.WriteString(text)
+	_ = f.Close()
 }

@@ -2,6 +2,8 @@ package redistest
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -14,6 +16,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/qbridge/qbridge/internal/testcerts"
 )
 
 func ctx(t *testing.T) context.Context {
@@ -37,7 +41,7 @@ func TestStartSetGet(t *testing.T) {
 	if p, err := strconv.Atoi(port); err != nil || p <= 0 {
 		t.Fatalf("Addr port = %q", port)
 	}
-	if got, want := s.URL(3), "redis://"+s.Addr()+"/3"; got != want {
+	if got, want := s.URL(3), "redis://qbridge:"+ServicePassword+"@"+s.Addr()+"/3"; got != want {
 		t.Fatalf("URL(3) = %q, want %q", got, want)
 	}
 	if s.PID() <= 0 {
@@ -52,21 +56,197 @@ func TestStartSetGet(t *testing.T) {
 		t.Fatalf("GET = %q, %v; want \"v\"", got, err)
 	}
 
-	// The URL selects the database; DB 3 is isolated from DB 0.
+	// The URL selects the database; DB 3 is isolated from DB 0. (The URL
+	// is the service user's, who may not GET: it checks with HGET.)
 	opt, err := redis.ParseURL(s.URL(3))
 	if err != nil {
 		t.Fatalf("ParseURL(%q): %v", s.URL(3), err)
 	}
+	if opt.Username != ServiceUser || opt.Password != ServicePassword || opt.DB != 3 || opt.Addr != s.Addr() {
+		t.Fatalf("ParseURL(%q) = user %q password %q db %d addr %q", s.URL(3), opt.Username, opt.Password, opt.DB, opt.Addr)
+	}
 	c3 := redis.NewClient(opt)
 	t.Cleanup(func() { _ = c3.Close() })
-	if err := c3.Get(ctx(t), "k").Err(); !errors.Is(err, redis.Nil) {
-		t.Fatalf("GET k in db 3: err = %v, want redis.Nil", err)
+	if err := s.Client(t, 0).HSet(ctx(t), "h", "f", "v0").Err(); err != nil {
+		t.Fatalf("HSET: %v", err)
 	}
-	if err := s.Client(t, 3).Set(ctx(t), "k3", "v3", 0).Err(); err != nil {
-		t.Fatalf("SET in db 3: %v", err)
+	if err := c3.HGet(ctx(t), "h", "f").Err(); !errors.Is(err, redis.Nil) {
+		t.Fatalf("HGET h f in db 3: err = %v, want redis.Nil", err)
 	}
-	if got, err := c3.Get(ctx(t), "k3").Result(); err != nil || got != "v3" {
-		t.Fatalf("GET k3 via URL client = %q, %v; want \"v3\"", got, err)
+	if err := s.Client(t, 3).HSet(ctx(t), "h", "f", "v3").Err(); err != nil {
+		t.Fatalf("HSET in db 3: %v", err)
+	}
+	if got, err := c3.HGet(ctx(t), "h", "f").Result(); err != nil || got != "v3" {
+		t.Fatalf("HGET h f via URL client = %q, %v; want \"v3\"", got, err)
+	}
+}
+
+// isNoPerm reports whether err is Redis' ACL refusal.
+func isNoPerm(err error) bool {
+	return err != nil && strings.HasPrefix(err.Error(), "NOPERM")
+}
+
+func serviceClient(t *testing.T, s *Server, db int) *redis.Client {
+	t.Helper()
+	c := redis.NewClient(s.ServiceOptions(db))
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+func TestServiceUser(t *testing.T) {
+	t.Parallel()
+	s := Start(t, WithAOF())
+	svc := serviceClient(t, s, 2)
+	admin := s.Client(t, 2)
+
+	check := func(when string) {
+		t.Helper()
+		if who, err := svc.Do(ctx(t), "ACL", "WHOAMI").Text(); !isNoPerm(err) {
+			t.Fatalf("%s: service user ran ACL WHOAMI: %q, %v; want NOPERM", when, who, err)
+		}
+		if err := svc.RPush(ctx(t), "q", "m").Err(); err != nil {
+			t.Fatalf("%s: service user RPUSH: %v", when, err)
+		}
+		if err := svc.FlushAll(ctx(t)).Err(); !isNoPerm(err) {
+			t.Fatalf("%s: service user FLUSHALL: %v; want NOPERM", when, err)
+		}
+		if err := svc.Keys(ctx(t), "*").Err(); !isNoPerm(err) {
+			t.Fatalf("%s: service user KEYS: %v; want NOPERM", when, err)
+		}
+		if n, err := admin.LLen(ctx(t), "q").Result(); err != nil || n == 0 {
+			t.Fatalf("%s: LLEN q = %d, %v; want the service user's pushes", when, n, err)
+		}
+		if who, err := admin.Do(ctx(t), "ACL", "WHOAMI").Text(); err != nil || who != "default" {
+			t.Fatalf("%s: Client's ACL WHOAMI = %q, %v; want default", when, who, err)
+		}
+	}
+	check("after Start")
+	// The user is part of every launch, not a runtime change.
+	s.Restart(t)
+	check("after Restart")
+	s.Kill(t)
+	s.Restart(t)
+	check("after Kill and Restart")
+
+	// The default user keeps every permission.
+	if err := admin.FlushAll(ctx(t)).Err(); err != nil {
+		t.Fatalf("default user FLUSHALL: %v", err)
+	}
+	if n, err := admin.DBSize(ctx(t)).Result(); err != nil || n != 0 {
+		t.Fatalf("DBSIZE after FLUSHALL = %d, %v", n, err)
+	}
+}
+
+func TestServicePrefix(t *testing.T) {
+	t.Parallel()
+	s := Start(t, WithServicePrefix("app:"))
+	svc := serviceClient(t, s, 0)
+	for _, k := range []string{"app:q", "{app:q}:qb:seq"} {
+		if err := svc.RPush(ctx(t), k, "m").Err(); err != nil {
+			t.Fatalf("RPUSH %s: %v", k, err)
+		}
+	}
+	for _, k := range []string{"q", "other:q", "{q}:qb:seq"} {
+		if err := svc.RPush(ctx(t), k, "m").Err(); !isNoPerm(err) {
+			t.Fatalf("RPUSH %s: %v; want NOPERM", k, err)
+		}
+	}
+	// Without the option the user reaches every key.
+	s0 := Start(t)
+	if err := serviceClient(t, s0, 0).RPush(ctx(t), "q", "m").Err(); err != nil {
+		t.Fatalf("RPUSH q without a prefix: %v", err)
+	}
+}
+
+func TestTLS(t *testing.T) {
+	t.Parallel()
+	s := Start(t, WithTLS())
+
+	if got, want := s.URL(4), "rediss://qbridge:"+ServicePassword+"@"+s.Addr()+"/4"; got != want {
+		t.Fatalf("URL(4) = %q, want %q", got, want)
+	}
+	ca, cert, key := s.TLSFiles()
+	for _, f := range []string{ca, cert, key} {
+		if fi, err := os.Stat(f); err != nil || fi.Size() == 0 || !strings.HasPrefix(f, s.Dir()) {
+			t.Fatalf("TLSFiles: %q: %v", f, err)
+		}
+	}
+	if err := s.Client(t, 0).Set(ctx(t), "k", "v", 0).Err(); err != nil {
+		t.Fatalf("SET over TLS (default user): %v", err)
+	}
+	if err := serviceClient(t, s, 0).RPush(ctx(t), "q", "m").Err(); err != nil {
+		t.Fatalf("RPUSH over TLS (service user): %v", err)
+	}
+
+	// The URL plus the files is all a separate process needs.
+	opt, err := redis.ParseURL(s.URL(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.LoadX509KeyPair(cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pem, err := os.ReadFile(ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		t.Fatalf("no certificate in %s", ca)
+	}
+	opt.TLSConfig.RootCAs = pool
+	opt.TLSConfig.Certificates = []tls.Certificate{pair}
+	fromFiles := redis.NewClient(opt)
+	t.Cleanup(func() { _ = fromFiles.Close() })
+	if n, err := fromFiles.LLen(ctx(t), "q").Result(); err != nil || n != 1 {
+		t.Fatalf("LLEN via URL and TLSFiles = %d, %v; want 1", n, err)
+	}
+
+	fails := func(what string, o *redis.Options) {
+		t.Helper()
+		o.MaxRetries = -1
+		o.DialTimeout = 2 * time.Second
+		o.ReadTimeout = 2 * time.Second
+		c := redis.NewClient(o)
+		defer c.Close()
+		if err := c.Ping(ctx(t)).Err(); err == nil {
+			t.Fatalf("%s: PING succeeded", what)
+		}
+	}
+	// No plaintext port at all, and the TLS port does not speak it.
+	fails("plaintext", &redis.Options{Addr: s.Addr()})
+	// TLS without a client certificate.
+	fails("TLS without a client certificate", &redis.Options{Addr: s.Addr(),
+		TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}})
+	// A client certificate from another CA.
+	other := testcerts.NewCA(t, "another CA")
+	fails("client certificate from another CA", &redis.Options{Addr: s.Addr(),
+		TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12,
+			Certificates: []tls.Certificate{other.Client(t, "stranger").TLS}}})
+	// A server certificate the client does not trust.
+	fails("untrusting client", &redis.Options{Addr: s.Addr(),
+		TLSConfig: &tls.Config{RootCAs: other.Pool(), ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12,
+			Certificates: []tls.Certificate{pair}}})
+
+	// Restart waits for readiness over TLS, with the same certificates.
+	s.Restart(t)
+	if err := fromFiles.Ping(ctx(t)).Err(); err != nil {
+		t.Fatalf("PING after Restart: %v", err)
+	}
+	if ca2, _, _ := s.TLSFiles(); ca2 != ca {
+		t.Fatalf("TLSFiles after Restart: CA %q, want %q", ca2, ca)
+	}
+}
+
+func TestNoTLSFilesWithoutTLS(t *testing.T) {
+	t.Parallel()
+	s := Start(t)
+	if ca, cert, key := s.TLSFiles(); ca != "" || cert != "" || key != "" {
+		t.Fatalf("TLSFiles = %q, %q, %q; want empty", ca, cert, key)
+	}
+	if o := s.ServiceOptions(1); o.TLSConfig != nil || o.Username != ServiceUser || o.Password != ServicePassword || o.DB != 1 || o.Addr != s.Addr() {
+		t.Fatalf("ServiceOptions(1) = %+v", o)
 	}
 }
 

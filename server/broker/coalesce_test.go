@@ -32,12 +32,15 @@ func testCtx(t *testing.T) context.Context {
 }
 
 // newTestBroker starts a private redis-server and returns a broker over it
-// (with the scripts loaded) and a plain client on the same server.
+// (as the least-privilege user qbridge runs as, with the scripts loaded)
+// and a plain client (default user) on the same server.
 func newTestBroker(t *testing.T, opts ...Option) (*Broker, *redis.Client) {
 	t.Helper()
 	srv := redistest.Start(t)
 	rdb := srv.Client(t, 0)
-	b := New(rdb, opts...)
+	svc := redis.NewClient(srv.ServiceOptions(0))
+	t.Cleanup(func() { _ = svc.Close() })
+	b := New(svc, opts...)
 	if err := b.LoadScripts(testCtx(t)); err != nil {
 		t.Fatalf("LoadScripts: %v", err)
 	}

@@ -56,3 +56,8 @@ func isConnError(err error) bool {
 	}
 	return false
 }
+
+// IsACLDenied reports whether Redis refused a command because qbridge's
+// Redis user lacks the permission (NOPERM): a misconfigured ACL, see
+// package redisacl.
+func IsACLDenied(err error) bool { return redis.HasErrorPrefix(err, "NOPERM") }

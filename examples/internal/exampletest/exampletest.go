@@ -53,7 +53,7 @@ type Env struct {
 func Start(t *testing.T) *Env {
 	t.Helper()
 	rs := redistest.Start(t)
-	rdb := redis.NewClient(&redis.Options{Addr: rs.Addr(), DB: 0})
+	rdb := redis.NewClient(rs.ServiceOptions(0))
 
 	srv := server.New(broker.New(rdb),
 		server.WithLogger(testLogger(t)),
