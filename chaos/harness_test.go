@@ -125,7 +125,7 @@ func startDaemonBin(t testing.TB, bin string, env []string, redisURL string, ext
 	t.Helper()
 	d := &daemon{t: t, bin: bin, env: env, Addr: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
 	d.logf = filepath.Join(t.TempDir(), "qbridged-"+strings.ReplaceAll(d.Addr, ":", "-")+".log")
-	d.args = append([]string{"--listen", d.Addr, "--redis-url", redisURL, "--plaintext", "--log-level", "warn"}, extra...)
+	d.args = append([]string{"--listen", d.Addr, "--http-listen", "127.0.0.1:0", "--redis-url", redisURL, "--plaintext", "--log-level", "warn"}, extra...)
 	d.Start()
 	t.Cleanup(func() {
 		d.Kill()

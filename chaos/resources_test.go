@@ -507,7 +507,7 @@ func (s *resSubSeen) check(confirmed []map[int]bool, complete bool) []string {
 // a message a second, one reads nothing) while 2 KiB messages are
 // published at 10k msg/s (as fast as the fast one reads, if slower) for a
 // bounded time. The slow streams must end with RESOURCE_EXHAUSTED (the
-// daemon's --subscriber-buffer, 1024 messages, bounds what is waiting for
+// daemon's --subscriber-buffer, 3072 messages, bounds what is waiting for
 // them); qbridged must let go of the stalled one once it is cut off, even
 // though it reads nothing (its subscription leaves Redis within 5 s); the
 // fast one must receive every confirmed publish exactly once and in order
@@ -523,9 +523,13 @@ func TestSlowSubscriber(t *testing.T) {
 		// when this test process is slow (-race, a loaded machine).
 		rpcPublishers, rpcRate     = 2, 1000 // msg/s
 		redisPublishers, redisRate = 3, 9000
-		buffer                     = 1024
+		// buffer leaves the fast subscriber ~0.3 s of slack at full rate,
+		// enough for a reader descheduled on a loaded machine (1024 was
+		// not: on a machine running three other test suites the fast one
+		// was cut off too); the slow ones overflow it all the same.
+		buffer = 3072
 		// rssCap bounds qbridged's RSS growth over its idle baseline: the
-		// two slow streams may hold 2 x 1024 x 2 KiB in their buffers plus
+		// two slow streams may hold 2 x 3072 x 2 KiB in their buffers plus
 		// their gRPC windows, the fast one as much again, plus the garbage
 		// of the fan-out. An unbounded buffer holds everything published
 		// (60 MiB per slow stream at full rate in the short run).

@@ -752,8 +752,10 @@ func (s *Server) send(stream qbridgev1.QueueService_ConsumeServer, c *consumer, 
 
 func (s *Server) deliveries(c *consumer, ls []broker.Lease) []*qbridgev1.Delivery {
 	out := make([]*qbridgev1.Delivery, len(ls))
+	now := time.Now()
 	for i, l := range ls {
 		m := l.Message
+		s.opts.observer.Delivered(l.Queue, m.Deliveries, now.Sub(time.UnixMilli(m.EnqueuedAt)))
 		d := &qbridgev1.Delivery{
 			Id:          m.ID,
 			Payload:     m.Payload,

@@ -166,6 +166,7 @@ func (h *hub) fanOut(m *redis.Message) {
 	if r == nil {
 		return
 	}
+	queued := 0
 	for sub := range r.members {
 		if sub.overflowed || !sub.readyClosed {
 			continue // not subscribed yet: this was published before
@@ -177,9 +178,13 @@ func (h *hub) fanOut(m *redis.Message) {
 		select {
 		case sub.msgs <- msg:
 			sub.bytes += len(msg.Payload)
+			queued++
 		default:
 			h.cutOffLocked(sub)
 		}
+	}
+	if queued > 0 {
+		h.s.opts.observer.PubSubDelivered(queued)
 	}
 }
 
@@ -189,6 +194,7 @@ func (h *hub) fanOut(m *redis.Message) {
 // sending to a client that reads nothing; the stream then ends with
 // RESOURCE_EXHAUSTED when its handler gets to it.
 func (h *hub) cutOffLocked(sub *subscriber) {
+	h.s.opts.observer.PubSubDropped(len(sub.msgs))
 	sub.overflowed = true
 	close(sub.overflow)
 	h.removeLocked(sub) // removing while fanOut ranges over members is fine

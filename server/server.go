@@ -77,6 +77,7 @@ type options struct {
 	claimRetryBackoff time.Duration
 	blockingWaits     int
 	idlePoll          time.Duration
+	observer          Observer
 }
 
 // Option configures a Server.
@@ -137,6 +138,7 @@ func WithIdleQueues(blockingWaits int, poll time.Duration) Option {
 func defaultOptions() options {
 	return options{
 		logger:            slog.Default(),
+		observer:          noObserver{},
 		maxPayload:        1 << 20,
 		maxBatch:          1000,
 		defaultInFlight:   16,
@@ -471,6 +473,7 @@ func (s *Server) Publish(ctx context.Context, req *qbridgev1.PublishRequest) (*q
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	s.opts.observer.Published(n)
 	return &qbridgev1.PublishResponse{Receivers: n}, nil
 }
 

@@ -25,6 +25,9 @@ import (
 // by its command-line flag.
 type Config struct {
 	ConfigFile       string
+	HTTPListen       string
+	Dashboard        bool
+	MetricsMaxQueues int
 	PrintRedisACL    bool
 	Listen           string
 	Plaintext        bool
@@ -121,6 +124,15 @@ var flagDefs = []flagDef{
 	{"listen", "host:port", "127.0.0.1:7070",
 		"gRPC listen address. Port 0 picks a free port (the log says which).",
 		func(c *Config) flag.Value { return (*stringValue)(&c.Listen) }},
+	{"http-listen", "host:port", "127.0.0.1:7071",
+		"HTTP listen address of /healthz, /readyz, /metrics and the web dashboard (plaintext; the dashboard's API goes through the gRPC authorization). Empty turns the HTTP listener off.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.HTTPListen) }},
+	{"dashboard", "bool", "true",
+		"Serve the web dashboard at / of --http-listen.",
+		func(c *Config) flag.Value { return (*boolValue)(&c.Dashboard) }},
+	{"metrics-max-queues", "n", "100",
+		"Most queues with their own series in /metrics and in the dashboard's history (in name order); metrics of further queues are summed under queue=\"_other\".",
+		func(c *Config) flag.Value { return (*intValue)(&c.MetricsMaxQueues) }},
 	{"plaintext", "bool", "false",
 		"Serve gRPC without TLS. Needed, when --tls-cert is not set, to run with --redis-url (the embedded development mode is plaintext without asking): say so only behind a TLS-terminating proxy or on a trusted network.",
 		func(c *Config) flag.Value { return (*boolValue)(&c.Plaintext) }},
@@ -383,6 +395,7 @@ func (c *Config) validate() error {
 		{"max-in-flight", c.MaxInFlight},
 		{"subscriber-buffer", c.SubscriberBuffer},
 		{"blocking-waits", c.BlockingWaits},
+		{"metrics-max-queues", c.MetricsMaxQueues},
 	}
 	for _, p := range positive {
 		if p.v <= 0 {

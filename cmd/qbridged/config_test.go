@@ -62,6 +62,9 @@ func TestConfigDefaults(t *testing.T) {
 		LogLevel:         slog.LevelInfo,
 		LogFormat:        "text",
 		PublicHealth:     true,
+		HTTPListen:       "127.0.0.1:7071",
+		Dashboard:        true,
+		MetricsMaxQueues: 100,
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", c, want)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -81,6 +82,10 @@ func startDaemon(t *testing.T, args []string, env map[string]string) *daemon {
 	ctx, cancel := context.WithCancel(context.Background())
 	d.cancel = cancel
 	getenv := func(k string) string { return env[k] }
+	if !slices.ContainsFunc(args, func(a string) bool { return strings.Contains(a, "http-listen") }) {
+		// Tests run many daemons at once: no fixed HTTP port.
+		args = append([]string{"--http-listen", "127.0.0.1:0"}, args...)
+	}
 	go func() { d.done <- run(ctx, args, getenv, io.Discard, d.logs) }()
 	t.Cleanup(func() {
 		cancel()

@@ -49,7 +49,7 @@ type proc struct {
 func startProc(t *testing.T, bin string, args ...string) *proc {
 	t.Helper()
 	p := &proc{logs: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd = exec.Command(bin, args...)
+	p.cmd = exec.Command(bin, append([]string{"--http-listen", "127.0.0.1:0"}, args...)...)
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "QBRIDGE_") {
 			p.cmd.Env = append(p.cmd.Env, kv)

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -197,7 +198,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	// Health follows Redis. The first check runs before serving, so the
 	// status is right from the first request.
 	hctx, stopHealth := context.WithCancel(context.Background())
-	hw := &healthWatch{srv: srv, hs: hs, log: log}
+	ready := &readiness{}
+	ready.set(false, "starting")
+	hw := &healthWatch{srv: srv, hs: hs, log: log, ready: ready}
 	hw.check(hctx)
 	healthDone := make(chan struct{})
 	go func() {
@@ -224,6 +227,18 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- gs.Serve(ln) }()
 
+	var hsrv *httpServer
+	if cfg.HTTPListen != "" {
+		mux := http.NewServeMux()
+		mux.HandleFunc("GET /healthz", ready.healthz)
+		mux.HandleFunc("GET /readyz", ready.readyz)
+		if hsrv, err = startHTTP(cfg.HTTPListen, mux, log); err != nil {
+			gs.Stop()
+			return err
+		}
+		log.Info("HTTP listening", "http", hsrv.addr(), "health", "http://"+hsrv.addr()+"/healthz")
+	}
+
 	var runErr error
 	serving := true
 	select {
@@ -240,6 +255,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	stopHealth()
 	<-healthDone
 	hs.Shutdown()
+	ready.set(false, "shutting down")
 	log.Info("health set to NOT_SERVING")
 
 	// 2. Stop taking work, let consumers settle what they hold, then end
@@ -269,6 +285,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	t.Stop()
 	if serving {
 		<-serveErr
+	}
+	if hsrv != nil {
+		hsrv.stop(time.Second)
+		log.Info("HTTP server stopped")
 	}
 
 	// 4. The deferred steps: queue service, Redis clients, embedded engine.
@@ -336,6 +356,9 @@ func interceptors(log *slog.Logger) ([]grpc.UnaryServerInterceptor, []grpc.Strea
 	logOpts := []logging.Option{
 		logging.WithLogOnEvents(logging.FinishCall),
 		logging.WithLevels(callLevel),
+		// Who called, on which queue or channel: filled in by the guard
+		// during the call (never a credential; payloads are never logged).
+		logging.WithFieldsFromContext(func(ctx context.Context) logging.Fields { return auth.CallFields(ctx) }),
 	}
 	recoverOpts := []recovery.Option{
 		recovery.WithRecoveryHandlerContext(func(ctx context.Context, p any) error {
@@ -344,9 +367,11 @@ func interceptors(log *slog.Logger) ([]grpc.UnaryServerInterceptor, []grpc.Strea
 		}),
 	}
 	return []grpc.UnaryServerInterceptor{
+			auth.CallInfoUnary,
 			logging.UnaryServerInterceptor(logger, logOpts...),
 			recovery.UnaryServerInterceptor(recoverOpts...),
 		}, []grpc.StreamServerInterceptor{
+			auth.CallInfoStream,
 			logging.StreamServerInterceptor(logger, logOpts...),
 			recovery.StreamServerInterceptor(recoverOpts...),
 		}
@@ -371,6 +396,7 @@ type healthWatch struct {
 
 	known   bool
 	serving bool
+	ready   *readiness
 }
 
 func (h *healthWatch) loop(ctx context.Context) {
@@ -403,6 +429,13 @@ func (h *healthWatch) check(ctx context.Context) {
 	h.hs.SetServingStatus("", st)
 	h.hs.SetServingStatus(queueServiceName, st)
 	h.hs.SetServingStatus(adminServiceName, st)
+	if h.ready != nil {
+		reason := ""
+		if err != nil {
+			reason = "Redis unreachable: " + err.Error()
+		}
+		h.ready.set(serving, reason)
+	}
 	if h.known && h.serving == serving {
 		return
 	}

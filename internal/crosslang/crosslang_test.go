@@ -69,7 +69,7 @@ func service(t *testing.T, creds credentials.TransportCredentials, extra ...stri
 	}
 	addr = l.Addr().String()
 	l.Close()
-	args := []string{"--listen", addr, "--redis-url", rs.URL(0), "--log-level", "warn"}
+	args := []string{"--listen", addr, "--http-listen", "127.0.0.1:0", "--redis-url", rs.URL(0), "--log-level", "warn"}
 	if !slices.Contains(extra, "--tls-cert") {
 		// A real Redis without TLS needs the explicit opt-in.
 		args = append(args, "--plaintext")

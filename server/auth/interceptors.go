@@ -173,6 +173,7 @@ func (g *Guard) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, 
 	if c == nil {
 		return nil, status.Error(codes.Internal, "qbridge: authorization ran before authentication")
 	}
+	notePrincipal(ctx, c.p.name)
 	if err := g.admit(c, messageSize(req)); err != nil {
 		return nil, err
 	}
@@ -193,6 +194,7 @@ func (g *Guard) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInf
 	if c == nil {
 		return status.Error(codes.Internal, "qbridge: authorization ran before authentication")
 	}
+	notePrincipal(ss.Context(), c.p.name)
 	if err := g.admit(c, 0); err != nil {
 		return err
 	}
@@ -241,10 +243,21 @@ func (g *Guard) authorize(ctx context.Context, c *caller, method string, req any
 	if c.p.public {
 		return rule{}, g.deny(ctx, c, method, "this method needs credentials")
 	}
-	if c.p.all {
-		return methods[method], nil
-	}
 	r, ok := methods[method]
+	var targets []target
+	if ok && r.check != nil {
+		targets = r.check(req)
+		if len(targets) > 0 {
+			kind := "queue"
+			if r.perms[0].onChannels() {
+				kind = "channel"
+			}
+			noteTarget(ctx, kind, targets[0].name)
+		}
+	}
+	if c.p.all {
+		return r, nil
+	}
 	if !ok {
 		return r, g.deny(ctx, c, method, "the method is not covered by qbridge's authorization")
 	}
@@ -254,7 +267,7 @@ func (g *Guard) authorize(ctx context.Context, c *caller, method string, req any
 		}
 		return r, nil
 	}
-	for _, t := range r.check(req) {
+	for _, t := range targets {
 		if !c.p.may(r.perms, t.name, t.pattern) {
 			what := "queue"
 			if r.perms[0].onChannels() {
