@@ -82,6 +82,14 @@
 // instead of hanging. The server must allow that: its
 // keepalive.EnforcementPolicy needs MinTime <= 20s and PermitWithoutStream,
 // or it closes the connection with "too_many_pings" (ENHANCE_YOUR_CALM).
+//
+// # Tracing
+//
+// When the context of an enqueue carries an OpenTelemetry span, the
+// message gets its W3C trace context in the traceparent (and tracestate)
+// header, unless it has one; a Worker starts a "process <queue>" consumer
+// span linked to it for each handler call, from the global OpenTelemetry
+// tracer provider (a no-op unless the program installs one).
 package client
 
 import (
@@ -172,7 +180,7 @@ func Dial(target string, opts ...Option) (*Client, error) {
 // New returns a Client over an existing connection. The caller keeps
 // ownership of conn: Client.Close does not close it.
 func New(conn grpc.ClientConnInterface) *Client {
-	return &Client{rpc: qbridgev1.NewQueueServiceClient(conn), admin: qbridgev1.NewAdminServiceClient(conn)}
+	return &Client{rpc: tracingRPC{qbridgev1.NewQueueServiceClient(conn)}, admin: qbridgev1.NewAdminServiceClient(conn)}
 }
 
 // Close closes the connection if Dial made it (ending every Consumer and

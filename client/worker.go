@@ -199,6 +199,16 @@ func NewWorker(c *Client, queues []string, h Handler, opts ...WorkerOption) *Wor
 // redelivery this counts as an attempt), waits up to 2s for cancelled
 // handlers to return, and returns nil.
 //
+// Tracing: each handler runs in a span "process <queue>" (kind consumer)
+// from OpenTelemetry's global tracer provider, a no-op unless the
+// application installed one: the root of a trace of its own (not a child
+// of a span in ctx), linked to the producer's span when the message's
+// headers carry a W3C traceparent (Enqueue adds one from the caller's
+// span, and a tracing qbridged from its own), with the messaging.*
+// attributes of the queue, message id and attempt; a handler's error (or
+// panic) marks the span as failed. The handler's context carries the
+// span, so spans the handler starts are its children.
+//
 // Run may be called again after it returned, but not concurrently.
 func (w *Worker) Run(ctx context.Context) error {
 	switch {
@@ -485,8 +495,11 @@ func (r *run) process(j *job) {
 	}
 }
 
-// call runs the handler, turning a panic into an error.
+// call runs the handler in its span (see startProcessSpan), turning a
+// panic into an error.
 func (r *run) call(j *job) (result []byte, err error) {
+	ctx, span := startProcessSpan(j.ctx, j.d)
+	defer func() { endProcessSpan(span, err) }() // runs after the recover below
 	defer func() {
 		if p := recover(); p != nil {
 			r.log.Error("handler panicked; the task will be retried",
@@ -494,7 +507,7 @@ func (r *run) call(j *job) (result []byte, err error) {
 			result, err = nil, fmt.Errorf("panic: %v", p)
 		}
 	}()
-	return r.w.h.ProcessTask(j.ctx, newTask(j.d))
+	return r.w.h.ProcessTask(ctx, newTask(j.d))
 }
 
 // finish handles a task whose handler returned.

@@ -74,6 +74,15 @@ func TestRawModeForPlainConsumers(t *testing.T) {
 	if n := plain.LLen(ctx, "legacy:jobs").Val(); n != 0 {
 		t.Fatalf("a refused enqueue wrote %d elements", n)
 	}
+	// Trace context (which tracing clients add by themselves) is dropped,
+	// not refused: the payload goes in bare.
+	if _, err := in.client.Enqueue(ctx, &qbridgev1.EnqueueRequest{Queue: "legacy:jobs", Payload: []byte("traced"),
+		Headers: map[string]string{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "x=1"}}); err != nil {
+		t.Fatalf("a traced enqueue to a raw queue: %v", err)
+	}
+	if v, err := plain.LPop(ctx, "legacy:jobs").Result(); err != nil || v != "traced" {
+		t.Fatalf("plain LPOP read %q, %v; want the bare payload", v, err)
+	}
 	// A qbridge delivery that is requeued goes back bare, so plain
 	// consumers can still read it.
 	if _, err := in.client.Enqueue(ctx, &qbridgev1.EnqueueRequest{Queue: "legacy:jobs", Payload: []byte("again")}); err != nil {

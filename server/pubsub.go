@@ -194,7 +194,8 @@ func (h *hub) fanOut(m *redis.Message) {
 // sending to a client that reads nothing; the stream then ends with
 // RESOURCE_EXHAUSTED when its handler gets to it.
 func (h *hub) cutOffLocked(sub *subscriber) {
-	h.s.opts.observer.PubSubDropped(len(sub.msgs))
+	// What it had waiting, and the message that did not fit.
+	h.s.opts.observer.PubSubDropped(len(sub.msgs) + 1)
 	sub.overflowed = true
 	close(sub.overflow)
 	h.removeLocked(sub) // removing while fanOut ranges over members is fine

@@ -379,8 +379,10 @@ func (s *Server) newMessage(m *qbridgev1.BatchMessage, raw bool, queue string) (
 	}
 	if raw {
 		// A raw-mode list holds bare payloads: nothing else survives.
+		// Trace context headers, which clients add by themselves when
+		// tracing, are dropped rather than refused: tracing is best effort.
 		switch {
-		case len(m.GetHeaders()) > 0:
+		case hasOtherHeaders(m.GetHeaders(), traceHeaders):
 			return nm, fmt.Errorf("queue %q is in raw mode (plain Redis consumers read it), which cannot store headers", queue)
 		case m.GetTtl() != nil:
 			return nm, fmt.Errorf("queue %q is in raw mode (plain Redis consumers read it), which cannot store a ttl", queue)
@@ -429,6 +431,9 @@ func (s *Server) newMessage(m *qbridgev1.BatchMessage, raw bool, queue string) (
 		return nm, err
 	}
 	nm.ID, nm.Headers, nm.Payload, nm.Delay, nm.TTL, nm.DedupKey = m.GetId(), m.GetHeaders(), m.GetPayload(), delay, ttl, m.GetDedupKey()
+	if raw {
+		nm.Headers = nil // only trace context can be here (see above); a raw list keeps none
+	}
 	nm.TaskType, nm.KeepResult = m.GetTaskType(), m.GetKeepResult()
 	nm.MaxAttempts, nm.BackoffMin, nm.BackoffMax = rp.MaxAttempts, rp.BackoffMin, rp.BackoffMax
 	return nm, nil
@@ -574,4 +579,17 @@ func itoa(i int) string {
 		return digits[i : i+1]
 	}
 	return itoa(i/10) + digits[i%10:i%10+1]
+}
+
+// traceHeaders are the W3C trace context headers tracing puts in messages.
+var traceHeaders = []string{"traceparent", "tracestate"}
+
+// hasOtherHeaders reports whether h has a header not in except.
+func hasOtherHeaders(h map[string]string, except []string) bool {
+	for k := range h {
+		if !slices.Contains(except, k) {
+			return true
+		}
+	}
+	return false
 }

@@ -28,6 +28,10 @@ type Config struct {
 	HTTPListen       string
 	Dashboard        bool
 	MetricsMaxQueues int
+	OTLPEndpoint     string
+	OTLPProtocol     string
+	OTLPInsecure     bool
+	TraceSampleRatio float64
 	PrintRedisACL    bool
 	Listen           string
 	Plaintext        bool
@@ -131,8 +135,20 @@ var flagDefs = []flagDef{
 		"Serve the web dashboard at / of --http-listen.",
 		func(c *Config) flag.Value { return (*boolValue)(&c.Dashboard) }},
 	{"metrics-max-queues", "n", "100",
-		"Most queues with their own series in /metrics and in the dashboard's history (in name order); metrics of further queues are summed under queue=\"_other\".",
+		"Most queues exported in /metrics and sampled for the dashboard's history: the first in name order (qbridge_queues_truncated says when there are more); per-instance delivery series of further queues are counted under queue=\"_other\".",
 		func(c *Config) flag.Value { return (*intValue)(&c.MetricsMaxQueues) }},
+	{"otlp-endpoint", "host:port", "",
+		"OpenTelemetry collector to send traces to (OTLP). Empty: tracing off. Producers' trace context travels in each message's traceparent header.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.OTLPEndpoint) }},
+	{"otlp-protocol", "protocol", "grpc",
+		"OTLP protocol: grpc or http/protobuf.",
+		func(c *Config) flag.Value { return (*stringValue)(&c.OTLPProtocol) }},
+	{"otlp-insecure", "bool", "false",
+		"Send traces to --otlp-endpoint without TLS.",
+		func(c *Config) flag.Value { return (*boolValue)(&c.OTLPInsecure) }},
+	{"trace-sample-ratio", "ratio", "1",
+		"Share of new traces sampled (above 0, at most 1); calls that carry a sampled parent are always traced.",
+		func(c *Config) flag.Value { return (*floatValue)(&c.TraceSampleRatio) }},
 	{"plaintext", "bool", "false",
 		"Serve gRPC without TLS. Needed, when --tls-cert is not set, to run with --redis-url (the embedded development mode is plaintext without asking): say so only behind a TLS-terminating proxy or on a trusted network.",
 		func(c *Config) flag.Value { return (*boolValue)(&c.Plaintext) }},
@@ -409,6 +425,12 @@ func (c *Config) validate() error {
 		if n.v < 0 {
 			bad(n.name, "must be 0 (unlimited) or positive, got %g", n.v)
 		}
+	}
+	if c.OTLPProtocol != "grpc" && c.OTLPProtocol != "http/protobuf" {
+		bad("otlp-protocol", "must be grpc or http/protobuf, got %q", c.OTLPProtocol)
+	}
+	if c.TraceSampleRatio <= 0 || c.TraceSampleRatio > 1 {
+		bad("trace-sample-ratio", "must be above 0 and at most 1, got %g", c.TraceSampleRatio)
 	}
 	if c.Coalescing < 0 {
 		bad("coalescing", "must be 0 (off) or a positive number, got %d", c.Coalescing)

@@ -65,6 +65,8 @@ func TestConfigDefaults(t *testing.T) {
 		HTTPListen:       "127.0.0.1:7071",
 		Dashboard:        true,
 		MetricsMaxQueues: 100,
+		OTLPProtocol:     "grpc",
+		TraceSampleRatio: 1,
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", c, want)

@@ -24,17 +24,22 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/test/bufconn"
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 	"github.com/qbridge/qbridge/server"
 	"github.com/qbridge/qbridge/server/auth"
 	"github.com/qbridge/qbridge/server/broker"
 	"github.com/qbridge/qbridge/server/broker/redisacl"
+	"github.com/qbridge/qbridge/server/dashboard"
+	"github.com/qbridge/qbridge/server/metrics"
+	"github.com/qbridge/qbridge/server/tracing"
 )
 
 const (
@@ -132,7 +137,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	cancelLoad()
 
-	srv := server.New(b,
+	// Metrics read queue stats through srv, which needs the metrics'
+	// observer: hence the late binding.
+	var srv *server.Server
+	mtr := metrics.New(func(ctx context.Context, max int) ([]*qbridgev1.GetQueueStatsResponse, bool, error) {
+		return srv.Snapshot(ctx, max)
+	}, metrics.WithMaxQueues(cfg.MetricsMaxQueues))
+	mtr.AddRedisPool("main", rdb.PoolStats)
+	mtr.AddRedisPool("blocking", blocking.PoolStats)
+	srv = server.New(b,
+		server.WithObserver(mtr.Observer()),
 		server.WithLogger(log),
 		server.WithMaxPayload(cfg.MaxPayloadBytes),
 		server.WithMaxBatch(cfg.MaxBatch),
@@ -187,13 +201,60 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	default:
 		log.Warn("AUTHENTICATION OFF: every caller may do everything; define principals in a --config file for production")
 	}
-	gs := newGRPCServer(cfg, log, guard, creds...)
+	traceOpts, stopTracing, err := tracing.Setup(ctx, tracing.Config{
+		Endpoint:    cfg.OTLPEndpoint,
+		Protocol:    cfg.OTLPProtocol,
+		Insecure:    cfg.OTLPInsecure,
+		SampleRatio: cfg.TraceSampleRatio,
+		ServiceName: "qbridged",
+	}, tracing.WithRawQueues(cfg.rawQueueSet()))
+	if err != nil {
+		return fmt.Errorf("tracing (--otlp-endpoint): %w", err)
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := stopTracing(sctx); err != nil {
+			log.Warn("could not flush traces", "err", err)
+		}
+	}()
+	if cfg.OTLPEndpoint != "" {
+		log.Info("tracing on", "otlp_endpoint", cfg.OTLPEndpoint, "protocol", cfg.OTLPProtocol, "sample_ratio", cfg.TraceSampleRatio)
+	}
+	// Metrics and tracing first in the chain, so that every call is seen,
+	// refused ones included.
+	gopts := append(append(mtr.GRPCServerOptions(), traceOpts...), creds...)
+	gs := newGRPCServer(cfg, log, guard, gopts...)
 	defer gs.Stop() // a no-op after the graceful stop below
-	qbridgev1.RegisterQueueServiceServer(gs, srv)
-	qbridgev1.RegisterAdminServiceServer(gs, srv.Admin())
 	hs := health.NewServer()
-	healthpb.RegisterHealthServer(gs, hs)
-	reflection.Register(gs)
+	register := func(g *grpc.Server) {
+		qbridgev1.RegisterQueueServiceServer(g, srv)
+		qbridgev1.RegisterAdminServiceServer(g, srv.Admin())
+		healthpb.RegisterHealthServer(g, hs)
+		reflection.Register(g)
+	}
+	register(gs)
+	mtr.InitializeGRPC(gs)
+
+	// The dashboard calls this same API, through the same authorization,
+	// over an in-memory connection to a twin of gs without TLS.
+	var internal *grpc.Server
+	var internalConn *grpc.ClientConn
+	if cfg.HTTPListen != "" && cfg.Dashboard {
+		internal = newGRPCServer(cfg, log, guard)
+		register(internal)
+		bl := bufconn.Listen(1 << 20)
+		go func() { _ = internal.Serve(bl) }()
+		defer internal.Stop()
+		internalConn, err = grpc.NewClient("passthrough:///qbridged-internal",
+			grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return bl.DialContext(ctx) }),
+			grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.maxRecvMsgSize())))
+		if err != nil {
+			return fmt.Errorf("dashboard connection: %w", err)
+		}
+		defer internalConn.Close()
+	}
 
 	// Health follows Redis. The first check runs before serving, so the
 	// status is right from the first request.
@@ -232,11 +293,35 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		mux := http.NewServeMux()
 		mux.HandleFunc("GET /healthz", ready.healthz)
 		mux.HandleFunc("GET /readyz", ready.readyz)
+		mux.Handle("GET /metrics", mtr.Handler())
+		var endpoints []any
+		if internalConn != nil {
+			dash := dashboard.New(internalConn, srv.Snapshot,
+				dashboard.WithLogger(log),
+				dashboard.WithAuthRequired(guard.Enabled()),
+				dashboard.WithMaxQueues(cfg.MetricsMaxQueues))
+			dctx, stopDash := context.WithCancel(context.Background())
+			dashDone := make(chan struct{})
+			go func() {
+				defer close(dashDone)
+				dash.Run(dctx)
+			}()
+			defer func() {
+				stopDash()
+				<-dashDone
+			}()
+			mux.Handle("/", dash)
+		}
 		if hsrv, err = startHTTP(cfg.HTTPListen, mux, log); err != nil {
 			gs.Stop()
 			return err
 		}
-		log.Info("HTTP listening", "http", hsrv.addr(), "health", "http://"+hsrv.addr()+"/healthz")
+		base := "http://" + hsrv.addr()
+		endpoints = append(endpoints, "http", hsrv.addr(), "health", base+"/healthz", "ready", base+"/readyz", "metrics", base+"/metrics")
+		if internalConn != nil {
+			endpoints = append(endpoints, "dashboard", base+"/")
+		}
+		log.Info("HTTP listening", endpoints...)
 	}
 
 	var runErr error
@@ -331,7 +416,7 @@ func newGRPCServer(cfg *Config, log *slog.Logger, guard *auth.Guard, extra ...gr
 	if cfg.MaxConcStreams > 0 {
 		extra = append(extra, grpc.MaxConcurrentStreams(uint32(cfg.MaxConcStreams)))
 	}
-	return grpc.NewServer(append([]grpc.ServerOption{
+	return grpc.NewServer(append(extra, []grpc.ServerOption{
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			Time:    cfg.KeepaliveTime,
 			Timeout: cfg.KeepaliveTimeout,
@@ -343,7 +428,7 @@ func newGRPCServer(cfg *Config, log *slog.Logger, guard *auth.Guard, extra ...gr
 		grpc.MaxRecvMsgSize(cfg.maxRecvMsgSize()),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
-	}, extra...)...)
+	}...)...)
 }
 
 // interceptors returns the one chain used for unary and streaming calls,
