@@ -399,6 +399,15 @@ func TestAutoAck(t *testing.T) {
 	if r, f := stats(t, in.client, "auto"); r != 0 || f != 0 {
 		t.Fatalf("auto-ack left %d ready, %d in flight", r, f)
 	}
+	// Auto-acked deliveries count as acked (stats, metrics and the
+	// dashboard's throughput read this total).
+	st, err := in.client.GetQueueStats(ctxT(t, 5*time.Second), &qbridgev1.GetQueueStatsRequest{Queue: "auto"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := st.GetCounters().GetAcked(); got != 3 {
+		t.Fatalf("acked total %d after 3 auto-ack deliveries; want 3", got)
+	}
 	s.cancel()
 	s.err(t, 5*time.Second)
 	if r, _ := stats(t, in.client, "auto"); r != 0 {

@@ -395,7 +395,14 @@ func (b *Broker) PushBack(ctx context.Context, queue string, ls []Lease) error {
 	for i := len(ls) - 1; i >= 0; i-- {
 		els = append(els, ls[i].element)
 	}
-	return wrap(b.rdb.LPush(ctx, b.keys.Ready(queue), els...).Err(), "push back to %q", queue)
+	// The pop counted them as acked: take that back (per-task-type totals
+	// keep the small overcount of such rare returns).
+	_, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.LPush(ctx, b.keys.Ready(queue), els...)
+		p.HIncrBy(ctx, b.keys.Counters(queue), "acked", -int64(len(ls)))
+		return nil
+	})
+	return wrap(err, "push back to %q", queue)
 }
 
 // WaitReady blocks until queue has a ready message or timeout passes, without

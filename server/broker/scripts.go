@@ -516,9 +516,9 @@ return claimn(tonumber(ARGV[11]), tonumber(ARGV[12]))
 `)
 
 // popScript takes up to COUNT elements from the head of the ready list for
-// an auto-ack consumer: they leave Redis for good (at-most-once, like BLPOP).
-// Expired messages are dropped or dead-lettered; a paused queue gives
-// nothing.
+// an auto-ack consumer: they leave Redis for good (at-most-once, like BLPOP)
+// and count as acked. Expired messages are dropped or dead-lettered; a
+// paused queue gives nothing.
 //
 //	KEYS standard   ARGV[11] COUNT
 //	returns {remaining ready length (-1: paused), element1, element2, ...}
@@ -530,10 +530,13 @@ local now = nowms()
 local out = {0}
 for i = 1, #els do
   local e = els[i]
-  if not (#e >= 40 and string.sub(e, 1, 4) == MAGIC) or not expired(e, now) then
+  local env = #e >= 40 and string.sub(e, 1, 4) == MAGIC
+  if not env or not expired(e, now) then
     out[#out + 1] = e
+    if env then typecount(e, 'acked', 1) end
   end
 end
+count('acked', #out - 1)
 out[1] = redis.call('LLEN', READY)
 return out
 `)
