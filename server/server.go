@@ -450,6 +450,36 @@ func (s *Server) dispatchedQueues() []string {
 	return qs
 }
 
+// heartbeat tells Redis how many Consume streams this instance has open on
+// each queue (GetQueueStats sums them over instances). Entries live for a
+// few reap intervals, so those of a crashed instance fade by themselves.
+func (s *Server) heartbeat(ctx context.Context, reported map[string]bool) {
+	counts := map[string]int{}
+	s.mu.Lock()
+	for q, d := range s.dispatchers {
+		counts[q] = len(d.consumers)
+	}
+	s.mu.Unlock()
+	for q := range reported {
+		if _, ok := counts[q]; !ok {
+			counts[q] = 0
+		}
+	}
+	if err := s.b.Heartbeat(ctx, s.instance, counts, 3*s.opts.reapInterval+5*time.Second); err != nil {
+		if ctx.Err() == nil {
+			s.log.Debug("consumer heartbeat failed", "err", err)
+		}
+		return
+	}
+	for q, n := range counts {
+		if n > 0 {
+			reported[q] = true
+		} else {
+			delete(reported, q)
+		}
+	}
+}
+
 // registerQueue records a queue in the known set once per process.
 func (s *Server) registerQueue(ctx context.Context, queue string) {
 	if _, seen := s.known.Load(queue); seen {
@@ -493,7 +523,7 @@ func (s *Server) GetQueueStats(ctx context.Context, req *qbridgev1.GetQueueStats
 	}
 	c := st.Counters
 	resp := &qbridgev1.GetQueueStatsResponse{
-		Queue: req.GetQueue(), Ready: st.Ready, InFlight: st.InFlight, Delayed: st.Delayed, Dead: st.Dead, Paused: st.Paused,
+		Queue: req.GetQueue(), Ready: st.Ready, InFlight: st.InFlight, Delayed: st.Delayed, Dead: st.Dead, Paused: st.Paused, Consumers: st.Consumers,
 		Counters: &qbridgev1.QueueCounters{
 			Enqueued: c.Enqueued, Acked: c.Acked, Nacked: c.Nacked,
 			LeaseExpired: c.LeaseExpired, DeadLettered: c.DeadLettered, Expired: c.Expired,
@@ -522,12 +552,25 @@ func (s *Server) GetQueueStats(ctx context.Context, req *qbridgev1.GetQueueStats
 func (s *Server) reapLoop(ctx context.Context) {
 	t := time.NewTicker(s.opts.reapInterval)
 	defer t.Stop()
+	reported := map[string]bool{} // queues with a heartbeat of ours in Redis
+	defer func() {
+		// Leaving: take our entries out at once rather than letting them
+		// expire (best effort).
+		counts := map[string]int{}
+		for q := range reported {
+			counts[q] = 0
+		}
+		hctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = s.b.Heartbeat(hctx, s.instance, counts, 0)
+	}()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+		s.heartbeat(ctx, reported)
 		qs, err := s.b.RegisteredQueues(ctx)
 		if err != nil {
 			if ctx.Err() == nil {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -700,6 +702,9 @@ type Stats struct {
 	OldestEnqueuedAt time.Time
 	Paused           bool
 	Counters         Counters
+	// Consumers is the number of open Consume streams on the queue, over
+	// all instances (as of their last heartbeat).
+	Consumers int64
 }
 
 // Stats reads the counts of queue in one round trip.
@@ -708,6 +713,8 @@ func (b *Broker) Stats(ctx context.Context, queue string) (Stats, error) {
 	var ready, inflight, delayed, dead, paused *redis.IntCmd
 	var head *redis.StringCmd
 	var counters *redis.SliceCmd
+	var consumers *redis.MapStringStringCmd
+	var now *redis.TimeCmd
 	_, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		ready = p.LLen(ctx, k.Ready(queue))
 		inflight = p.HLen(ctx, k.InFlight(queue))
@@ -716,6 +723,8 @@ func (b *Broker) Stats(ctx context.Context, queue string) (Stats, error) {
 		paused = p.Exists(ctx, k.Paused(queue))
 		head = p.LIndex(ctx, k.Ready(queue), 0)
 		counters = p.HMGet(ctx, k.Counters(queue), counterFields...)
+		consumers = p.HGetAll(ctx, k.Consumers(queue))
+		now = p.Time(ctx)
 		return nil
 	})
 	if err != nil && !errors.Is(err, redis.Nil) {
@@ -728,7 +737,53 @@ func (b *Broker) Stats(ctx context.Context, queue string) (Stats, error) {
 		}
 	}
 	st.Counters = parseCounters(counters.Val())
+	st.Consumers = liveConsumers(consumers.Val(), now.Val())
 	return st, nil
+}
+
+// liveConsumers sums the heartbeats (count:expiry ms) not expired at now.
+func liveConsumers(h map[string]string, now time.Time) int64 {
+	var n int64
+	for _, v := range h {
+		c, exp, ok := strings.Cut(v, ":")
+		if !ok {
+			continue
+		}
+		cn, err1 := strconv.ParseInt(c, 10, 64)
+		en, err2 := strconv.ParseInt(exp, 10, 64)
+		if err1 == nil && err2 == nil && en >= now.UnixMilli() {
+			n += cn
+		}
+	}
+	return n
+}
+
+// Heartbeat records, for each queue in counts, how many Consume streams
+// instance has open on it, valid for ttl (a count of 0 removes the
+// instance's entry). One pipelined round trip.
+func (b *Broker) Heartbeat(ctx context.Context, instance string, counts map[string]int, ttl time.Duration) error {
+	if len(counts) == 0 {
+		return nil
+	}
+	_, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for q, n := range counts {
+			heartbeatScript.EvalSha(ctx, p, []string{b.keys.Consumers(q)}, instance, n, ttl.Milliseconds())
+		}
+		return nil
+	})
+	if err != nil && isNoScript(err) {
+		// Scripts were flushed: Run in a pipeline cannot fall back to EVAL
+		// by itself; load it and try once more.
+		if lerr := heartbeatScript.Load(ctx, b.rdb).Err(); lerr == nil {
+			_, err = b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+				for q, n := range counts {
+					heartbeatScript.EvalSha(ctx, p, []string{b.keys.Consumers(q)}, instance, n, ttl.Milliseconds())
+				}
+				return nil
+			})
+		}
+	}
+	return wrap(err, "consumer heartbeat")
 }
 
 var counterFields = []string{"enqueued", "acked", "nacked", "lease_expired", "dead_lettered", "expired"}

@@ -24,13 +24,19 @@
 //	{P Q}:qb:typecounts   hash   "<task type>\x1f<counter>" -> total, per task type
 //	{P Q}:qb:results      hash   message id -> result record (outcome, time, attempts, error, payload)
 //	{P Q}:qb:resultexp    zset   message id -> end of the result's retention (unix ms)
+//	{P Q}:qb:consumers    hash   instance id -> "<open Consume streams>:<expiry, unix ms>",
+//	                             refreshed by each consuming instance (presence, not data)
 //	P qbridge:queues      set    queues qbridge has seen (enqueued to or consumed)
 //	P qbridge:due         zset   queue -> earliest due time of its delayed messages
 //
 // The braces are a Redis Cluster hash tag: "{P Q}:..." hashes on "P Q", the
-// same slot as the ready list itself, so every script below touches keys of a
-// single slot. Queue names cannot contain braces (see package server). The
-// two global keys are only ever used by single-key commands.
+// same slot as the ready list itself (which has no braces, so it hashes as a
+// whole), so every script below touches keys of a single slot. Queue names
+// cannot contain braces (see package server); neither may the prefix on
+// Redis Cluster (see CheckClusterPrefix). The two global keys are only ever
+// used by single-key commands, and the pipelines that read many queues at
+// once are split per node by the cluster client; the only transaction
+// (SetConfig) touches one key.
 //
 // Pub/sub channel C is the Redis channel "P C"; patterns are prefixed the same
 // way. qbridge's own channels are "P{qbridge}:instance:<id>" (each
@@ -45,6 +51,22 @@
 // (with its due time), or of the dead hash. Every move between them is a
 // single Lua script, so a qbridge crash at any point cannot lose it.
 package broker
+
+import "fmt"
+
+// CheckClusterPrefix reports why key prefix p cannot be used on Redis
+// Cluster: a brace in it would make Redis hash a queue's ready list "P Q"
+// and its other keys "{P Q}:qb:..." on different hash tags, so that the
+// queue's scripts fail with CROSSSLOT. (On a single Redis or with Sentinel
+// any prefix works.)
+func CheckClusterPrefix(p string) error {
+	for _, c := range p {
+		if c == '{' || c == '}' {
+			return fmt.Errorf("key prefix %q has a brace %q: on Redis Cluster braces mark hash tags, and the keys of a queue would no longer share one slot; use a prefix without braces", p, c)
+		}
+	}
+	return nil
+}
 
 // Keys builds Redis key and channel names for one key prefix.
 type Keys struct {
@@ -85,6 +107,10 @@ func (k Keys) DeadIndex(q string) string { return k.tag(q) + ":qb:deadidx" }
 
 // Config is queue q's policy.
 func (k Keys) Config(q string) string { return k.tag(q) + ":qb:config" }
+
+// Consumers is the hash of the Consume streams each instance has open on
+// queue q.
+func (k Keys) Consumers(q string) string { return k.tag(q) + ":qb:consumers" }
 
 // Counters holds queue q's event totals.
 func (k Keys) Counters(q string) string { return k.tag(q) + ":qb:counters" }

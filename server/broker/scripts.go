@@ -765,6 +765,30 @@ return {'OK'}
 
 // allScripts lists every script, for loading them up front.
 var allScripts = []*redis.Script{
+	heartbeatScript,
 	enqueueScript, claimScript, popScript, settleScript, ackClaimScript, nackScript, extendScript,
 	reapScript, promoteScript, purgeScript, replayScript, deleteDeadScript, deleteQueueScript,
 }
+
+// heartbeatScript records how many Consume streams one instance has open on a
+// queue, until an expiry on Redis' clock (so instances with skewed clocks
+// agree); a count of 0 removes the instance. Entries of other instances that
+// expired are removed on the way.
+//
+//	KEYS[1] the queue's consumers hash
+//	ARGV[1] instance id   ARGV[2] count   ARGV[3] time to live in ms
+var heartbeatScript = redis.NewScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. (now + tonumber(ARGV[3])))
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local exp = tonumber(string.match(all[i + 1], ':(%d+)$') or '0')
+  if exp < now then redis.call('HDEL', KEYS[1], all[i]) end
+end
+return 0
+`)

@@ -254,6 +254,7 @@ type queueJSON struct {
 	EnqueueRate    float64                 `json:"enqueue_rate"`
 	AckRate        float64                 `json:"ack_rate"`
 	Paused         bool                    `json:"paused"`
+	Consumers      int64                   `json:"consumers"`
 	Counters       countersJSON            `json:"counters"`
 	TaskTypes      map[string]countersJSON `json:"task_types,omitempty"`
 }
@@ -261,7 +262,7 @@ type queueJSON struct {
 func queueStats(st *qbridgev1.GetQueueStatsResponse) queueJSON {
 	q := queueJSON{
 		Queue: st.GetQueue(), Ready: st.GetReady(), InFlight: st.GetInFlight(), Delayed: st.GetDelayed(), Dead: st.GetDead(),
-		EnqueueRate: finite(st.GetEnqueueRate()), AckRate: finite(st.GetAckRate()), Paused: st.GetPaused(),
+		EnqueueRate: finite(st.GetEnqueueRate()), AckRate: finite(st.GetAckRate()), Paused: st.GetPaused(), Consumers: st.GetConsumers(),
 		Counters: counters(st.GetCounters()),
 	}
 	if st.GetOldestReadyAge() != nil {

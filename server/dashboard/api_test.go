@@ -47,10 +47,10 @@ func TestAPI(t *testing.T) {
 	deadID := e.killMessage("billing", []byte("bad invoice"), "cannot parse")
 
 	ordersJSON := `{"queue": "orders", "ready": 3, "in_flight": 1, "delayed": 1, "dead": 0,
-		"oldest_ready_age_seconds": "<v>", "enqueue_rate": "<v>", "ack_rate": "<v>", "paused": false,
+		"oldest_ready_age_seconds": "<v>", "enqueue_rate": "<v>", "ack_rate": "<v>", "paused": false, "consumers": "<v>",
 		"counters": {"enqueued": 5, "acked": 0, "nacked": 0, "lease_expired": 0, "dead_lettered": 0, "expired": 0}}`
 	billingJSON := `{"queue": "billing", "ready": 0, "in_flight": 0, "delayed": 0, "dead": 1,
-		"oldest_ready_age_seconds": null, "enqueue_rate": "<v>", "ack_rate": "<v>", "paused": false,
+		"oldest_ready_age_seconds": null, "enqueue_rate": "<v>", "ack_rate": "<v>", "paused": false, "consumers": "<v>",
 		"counters": {"enqueued": 1, "acked": 0, "nacked": 1, "lease_expired": 0, "dead_lettered": 1, "expired": 0},
 		"task_types": {"invoice": {"enqueued": 1, "acked": 0, "nacked": 1, "lease_expired": 0, "dead_lettered": 1, "expired": 0}}}`
 
@@ -115,7 +115,7 @@ func TestAPI(t *testing.T) {
 		e.enqueue("a/b:c@d", []byte("x"))
 		wantJSON(t, e.do("GET", "/api/queues/a%2Fb:c@d", adminToken, nil), 200,
 			`{"queue": "a/b:c@d", "ready": 1, "in_flight": 0, "delayed": 0, "dead": 0,
-			"oldest_ready_age_seconds": "<v>", "enqueue_rate": "<v>", "ack_rate": "<v>", "paused": false,
+			"oldest_ready_age_seconds": "<v>", "enqueue_rate": "<v>", "ack_rate": "<v>", "paused": false, "consumers": "<v>",
 			"counters": {"enqueued": 1, "acked": 0, "nacked": 0, "lease_expired": 0, "dead_lettered": 0, "expired": 0}}`)
 	})
 

@@ -26,6 +26,7 @@
 //	qbridge_queue_dead                       gauge     {queue}         dead letters
 //	qbridge_queue_oldest_ready_age_seconds   gauge     {queue}         age of the message at the head of the queue (0 when empty or unknown)
 //	qbridge_queue_paused                     gauge     {queue}         1 if the queue is paused, else 0
+//	qbridge_queue_consumers                  gauge     {queue}         open Consume streams on the queue, over all instances
 //	qbridge_queue_messages_total             counter   {queue,event}   the queue's event totals kept in Redis (events below)
 //	qbridge_queues_truncated                 gauge     {}              1 if more queues exist than WithMaxQueues lets through, else 0
 //	qbridge_redis_up                         gauge     {}              1 if this scrape's snapshot of the queues succeeded, else 0

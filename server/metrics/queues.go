@@ -22,8 +22,8 @@ type queueCollector struct {
 	mu     sync.Mutex
 	flight *snapshotFlight // the snapshot under way, if any
 
-	ready, inFlight, delayed, dead, oldestAge, paused *prometheus.Desc
-	messages, truncated, redisUp, scrapeErrors        *prometheus.Desc
+	ready, inFlight, delayed, dead, oldestAge, paused, consumers *prometheus.Desc
+	messages, truncated, redisUp, scrapeErrors                   *prometheus.Desc
 }
 
 // snapshotFlight is one call of the snapshot function; done is closed when
@@ -45,6 +45,7 @@ func newQueueCollector(snapshot snapshotFunc, max int, timeout time.Duration) *q
 		dead:      prometheus.NewDesc("qbridge_queue_dead", "Dead letters (cluster-wide).", q, nil),
 		oldestAge: prometheus.NewDesc("qbridge_queue_oldest_ready_age_seconds", "Age of the message at the head of the queue; 0 when empty or unknown.", q, nil),
 		paused:    prometheus.NewDesc("qbridge_queue_paused", "1 if the queue is paused, else 0.", q, nil),
+		consumers: prometheus.NewDesc("qbridge_queue_consumers", "Open Consume streams on the queue over all instances (as of their last heartbeat).", q, nil),
 		messages: prometheus.NewDesc("qbridge_queue_messages_total",
 			"The queue's event totals kept in Redis: cluster-wide, the same on every instance.", []string{"queue", "event"}, nil),
 		truncated:    prometheus.NewDesc("qbridge_queues_truncated", "1 if more queues exist than are exported, else 0.", nil, nil),
@@ -54,7 +55,7 @@ func newQueueCollector(snapshot snapshotFunc, max int, timeout time.Duration) *q
 }
 
 func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.ready, c.inFlight, c.delayed, c.dead, c.oldestAge, c.paused,
+	for _, d := range []*prometheus.Desc{c.ready, c.inFlight, c.delayed, c.dead, c.oldestAge, c.paused, c.consumers,
 		c.messages, c.truncated, c.redisUp, c.scrapeErrors} {
 		ch <- d
 	}
@@ -86,6 +87,7 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.dead, float64(st.GetDead()))
 		gauge(c.oldestAge, st.GetOldestReadyAge().AsDuration().Seconds())
 		gauge(c.paused, b2f(st.GetPaused()))
+		gauge(c.consumers, float64(st.GetConsumers()))
 		cs := st.GetCounters()
 		for _, e := range []struct {
 			event string

@@ -1789,7 +1789,11 @@ type GetQueueStatsResponse struct {
 	Counters *QueueCounters `protobuf:"bytes,10,opt,name=counters,proto3" json:"counters,omitempty"`
 	// The same totals per task type (messages without a task type are not
 	// included), for at most 100 task types.
-	TaskTypes     map[string]*QueueCounters `protobuf:"bytes,11,rep,name=task_types,json=taskTypes,proto3" json:"task_types,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	TaskTypes map[string]*QueueCounters `protobuf:"bytes,11,rep,name=task_types,json=taskTypes,proto3" json:"task_types,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Open Consume streams on the queue, over all qbridge instances. Each
+	// instance reports its own about once a second (--reap-interval); an
+	// instance that died drops out within a few seconds.
+	Consumers     int64 `protobuf:"varint,12,opt,name=consumers,proto3" json:"consumers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1899,6 +1903,13 @@ func (x *GetQueueStatsResponse) GetTaskTypes() map[string]*QueueCounters {
 		return x.TaskTypes
 	}
 	return nil
+}
+
+func (x *GetQueueStatsResponse) GetConsumers() int64 {
+	if x != nil {
+		return x.Consumers
+	}
+	return 0
 }
 
 // QueueCounters are a queue's event totals.
@@ -2419,7 +2430,7 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\apattern\x18\x02 \x01(\tR\apattern\x12\x18\n" +
 	"\apayload\x18\x03 \x01(\fR\apayload\",\n" +
 	"\x14GetQueueStatsRequest\x12\x14\n" +
-	"\x05queue\x18\x01 \x01(\tR\x05queue\"\x8a\x04\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\"\xa8\x04\n" +
 	"\x15GetQueueStatsResponse\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
 	"\x05ready\x18\x02 \x01(\x03R\x05ready\x12\x1b\n" +
@@ -2433,7 +2444,8 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\bcounters\x18\n" +
 	" \x01(\v2\x19.qbridge.v1.QueueCountersR\bcounters\x12O\n" +
 	"\n" +
-	"task_types\x18\v \x03(\v20.qbridge.v1.GetQueueStatsResponse.TaskTypesEntryR\ttaskTypes\x1aW\n" +
+	"task_types\x18\v \x03(\v20.qbridge.v1.GetQueueStatsResponse.TaskTypesEntryR\ttaskTypes\x12\x1c\n" +
+	"\tconsumers\x18\f \x01(\x03R\tconsumers\x1aW\n" +
 	"\x0eTaskTypesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12/\n" +
 	"\x05value\x18\x02 \x01(\v2\x19.qbridge.v1.QueueCountersR\x05value:\x028\x01\"\xbd\x01\n" +

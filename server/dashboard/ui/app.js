@@ -334,6 +334,7 @@
     ['oldest', 'Oldest', (q) => q.oldest_ready_age_seconds, fmtAge],
     ['enqueue_rate', 'Enqueue/s', (q) => q.enqueue_rate, fmtRate],
     ['ack_rate', 'Ack/s', (q) => q.ack_rate, fmtRate],
+    ['consumers', 'Consumers', (q) => q.consumers, fmtInt],
   ];
 
   function buildRow(name) {
@@ -411,7 +412,7 @@
 
   function renderStats(s) {
     if (!s) {
-      for (const id of ['#stat-ready', '#stat-in-flight', '#stat-delayed', '#stat-dead', '#stat-oldest', '#stat-enqueue-rate', '#stat-ack-rate']) setStat(id, '–', '');
+      for (const id of ['#stat-ready', '#stat-in-flight', '#stat-delayed', '#stat-dead', '#stat-oldest', '#stat-enqueue-rate', '#stat-ack-rate', '#stat-consumers']) setStat(id, '–', '');
       $('#detail-counters').textContent = '';
       $('#detail-paused').hidden = true;
       return;
@@ -423,6 +424,7 @@
     setStat('#stat-oldest', fmtAge(s.oldest_ready_age_seconds), s.oldest_ready_age_seconds);
     setStat('#stat-enqueue-rate', fmtRate(s.enqueue_rate), s.enqueue_rate);
     setStat('#stat-ack-rate', fmtRate(s.ack_rate), s.ack_rate);
+    setStat('#stat-consumers', fmtInt(s.consumers), s.consumers);
     const c = s.counters || {};
     const parts = [
       fmtInt(c.enqueued) + ' enqueued', fmtInt(c.acked) + ' acked', fmtInt(c.nacked) + ' nacked',

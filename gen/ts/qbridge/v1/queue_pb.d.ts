@@ -948,6 +948,15 @@ export declare type GetQueueStatsResponse = Message<"qbridge.v1.GetQueueStatsRes
    * @generated from field: map<string, qbridge.v1.QueueCounters> task_types = 11;
    */
   taskTypes: { [key: string]: QueueCounters };
+
+  /**
+   * Open Consume streams on the queue, over all qbridge instances. Each
+   * instance reports its own about once a second (--reap-interval); an
+   * instance that died drops out within a few seconds.
+   *
+   * @generated from field: int64 consumers = 12;
+   */
+  consumers: bigint;
 };
 
 /**
