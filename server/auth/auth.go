@@ -170,6 +170,7 @@ type Guard struct {
 
 	mu        sync.Mutex
 	anonymous map[string]*usage // by client IP
+	unlimited *usage            // shared by all anonymous callers when Defaults has no limits
 	lastSweep time.Time
 	now       func() time.Time
 }
@@ -271,6 +272,9 @@ func New(cfg Config, opts ...Option) (*Guard, error) {
 	}
 	if err := checkLimits("default limits", cfg.Defaults); err != nil {
 		return nil, err
+	}
+	if cfg.Defaults == (Limits{}) {
+		g.unlimited = newUsage(Limits{}, cfg.MaxMessageBytes)
 	}
 	var errs []error
 	names := map[string]bool{}
@@ -431,6 +435,9 @@ func (p *principal) hasAny(perm Permission) bool {
 // Entries idle for a while are dropped now and then, so that many
 // short-lived clients do not grow the map forever.
 func (g *Guard) anonymousUsage(ip string) *usage {
+	if g.unlimited != nil {
+		return g.unlimited // no default limits: nothing to keep per IP
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	now := g.now()

@@ -341,6 +341,9 @@ func exhausted(msg string, retry time.Duration) error {
 
 // openStream counts a stream against the caller's bound; release uncounts it.
 func (g *Guard) openStream(c *caller) (release func(), err error) {
+	if c.usage.limits.MaxStreams == 0 {
+		return func() {}, nil // unbounded: no need to count (nor to lock)
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	u := c.usage
