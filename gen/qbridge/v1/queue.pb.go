@@ -1917,7 +1917,7 @@ type QueueCounters struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Messages enqueued through qbridge (deduplicated ones excluded).
 	Enqueued int64 `protobuf:"varint,1,opt,name=enqueued,proto3" json:"enqueued,omitempty"`
-	// Deliveries acked.
+	// Deliveries acked (auto-ack deliveries included: they are acked when taken).
 	Acked int64 `protobuf:"varint,2,opt,name=acked,proto3" json:"acked,omitempty"`
 	// Deliveries nacked.
 	Nacked int64 `protobuf:"varint,3,opt,name=nacked,proto3" json:"nacked,omitempty"`

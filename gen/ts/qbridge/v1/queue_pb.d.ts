@@ -979,7 +979,7 @@ export declare type QueueCounters = Message<"qbridge.v1.QueueCounters"> & {
   enqueued: bigint;
 
   /**
-   * Deliveries acked.
+   * Deliveries acked (auto-ack deliveries included: they are acked when taken).
    *
    * @generated from field: int64 acked = 2;
    */
