@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/qbridge/qbridge/server"
 	"github.com/qbridge/qbridge/server/auth"
+	"github.com/qbridge/qbridge/server/broker"
 )
 
 // Config is qbridged's configuration. Every field comes from one entry of
@@ -162,7 +162,7 @@ var flagDefs = []flagDef{
 		"PEM CA certificates for mutual TLS: clients must present a certificate signed by one of them (needs --tls-cert).",
 		func(c *Config) flag.Value { return (*stringValue)(&c.TLSClientCA) }},
 	{"redis-url", "url", "",
-		"Redis to use: redis://[user:password@]host:port[/db], rediss:// for TLS, or unix:///path/to/redis.sock[?db=N]. Empty starts an embedded in-memory engine for development: nothing is durable.",
+		"Redis to use: redis://[user:password@]host:port[/db] (rediss:// for TLS) or unix:///path/to/redis.sock[?db=N]; Sentinel: redis-sentinel://[user:password@]host1:26379,host2:26379[/db]?master=NAME; Cluster: redis-cluster://[user:password@]host1:6379,host2:6379 (rediss-sentinel://, rediss-cluster:// for TLS). Empty starts an embedded in-memory engine for development: nothing is durable.",
 		func(c *Config) flag.Value { return (*stringValue)(&c.RedisURL) }},
 	{"redis-db", "n", "-1",
 		"Redis database number. -1 takes it from --redis-url (0 when the URL has none); any other value overrides the URL.",
@@ -388,7 +388,7 @@ func (c *Config) validate() error {
 		}
 	}
 	if c.RedisURL != "" {
-		if c.TLSCert == "" && !c.Plaintext {
+		if c.TLSCert == "" && !c.Plaintext && !c.PrintRedisACL {
 			errs = append(errs, "refusing to serve gRPC in plaintext with a real Redis: give --tls-cert and --tls-key, or --plaintext (QBRIDGE_PLAINTEXT=true) to accept unencrypted connections (behind a TLS-terminating proxy or on a trusted network)")
 		}
 		if _, err := c.redisOptions(); err != nil {
@@ -499,28 +499,22 @@ func lookupFlag(name string) flagDef {
 	panic("qbridged: no flag " + name)
 }
 
-// redisOptions parses --redis-url and applies --redis-db. Errors never
-// contain the password of the URL.
-func (c *Config) redisOptions() (*redis.Options, error) {
+// redisOptions parses --redis-url (one node, Sentinel or Cluster: see
+// redisTopology in topology.go) and applies --redis-db, the credentials and
+// the TLS files. Errors never contain a password.
+func (c *Config) redisOptions() (*redis.UniversalOptions, error) {
 	where := fmt.Sprintf("--redis-url (%s) %s", lookupFlag("redis-url").envVar(), redactURL(c.RedisURL))
-	if _, err := url.Parse(c.RedisURL); err != nil {
-		// url.Error repeats the whole URL, password included: keep only
-		// the reason.
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
-		// An escape error quotes the bad escape, which may be in the
-		// password.
-		var ee url.EscapeError
-		if errors.As(err, &ee) {
-			err = errors.New("it has an invalid %-escape")
-		}
-		return nil, fmt.Errorf("%s is not a valid URL: %v", where, err)
-	}
-	opts, err := redis.ParseURL(c.RedisURL)
+	opts, err := redisTopology(c.RedisURL)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %v (want redis://host:port/db, rediss://host:port/db or unix:///path.sock?db=N)", where, err)
+		return nil, fmt.Errorf("%s: %v", where, err)
+	}
+	if opts.IsClusterMode {
+		if c.RedisDB > 0 {
+			return nil, fmt.Errorf("--redis-db (QBRIDGE_REDIS_DB) %d: Redis Cluster has only database 0", c.RedisDB)
+		}
+		if err := broker.CheckClusterPrefix(c.KeyPrefix); err != nil {
+			return nil, fmt.Errorf("--key-prefix (QBRIDGE_KEY_PREFIX): %v", err)
+		}
 	}
 	if c.RedisDB >= 0 {
 		opts.DB = c.RedisDB
@@ -567,15 +561,10 @@ func (c *Config) redisOptions() (*redis.Options, error) {
 	return opts, nil
 }
 
-// redactURL returns raw with any password replaced by "xxxxx", for logs and
-// error messages.
-func redactURL(raw string) string {
-	u, err := url.Parse(raw)
-	if err != nil {
-		return "(unparsable URL)"
-	}
-	return u.Redacted()
-}
+// redactURL returns raw with its passwords replaced by "xxxxx", for logs
+// and error messages (see redactRedisURL: host lists and
+// sentinel_password too).
+func redactURL(raw string) string { return redactRedisURL(raw) }
 
 // rawQueueSet returns the membership test for broker.WithRawQueues.
 func (c *Config) rawQueueSet() func(string) bool {

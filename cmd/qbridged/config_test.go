@@ -20,6 +20,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 var updateREADME = flag.Bool("update", false, "rewrite the flag table in README.md from flagDefs")
@@ -292,8 +294,14 @@ func TestConfigRedisURL(t *testing.T) {
 			if err != nil {
 				t.Fatalf("redisOptions: %v", err)
 			}
-			if o.Network != tt.network || o.Addr != tt.addr || o.DB != tt.db {
-				t.Errorf("got %s %s db %d, want %s %s db %d", o.Network, o.Addr, o.DB, tt.network, tt.addr, tt.db)
+			rc := redis.NewUniversalClient(o)
+			defer rc.Close()
+			single, ok := rc.(*redis.Client)
+			if !ok {
+				t.Fatalf("NewUniversalClient made a %T, want a single-node *redis.Client", rc)
+			}
+			if got := single.Options(); got.Network != tt.network || got.Addr != tt.addr || got.DB != tt.db {
+				t.Errorf("got %s %s db %d, want %s %s db %d", got.Network, got.Addr, got.DB, tt.network, tt.addr, tt.db)
 			}
 			if (o.TLSConfig != nil) != tt.tls {
 				t.Errorf("TLS config %v, want TLS %v", o.TLSConfig, tt.tls)

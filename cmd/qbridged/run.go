@@ -84,7 +84,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	redisLog.Store(log)
 
 	// Redis: the configured one, or an embedded engine.
-	var opts *redis.Options
+	var opts *redis.UniversalOptions
 	if cfg.RedisURL == "" {
 		mr := miniredis.NewMiniRedis()
 		if err := mr.StartAddr("127.0.0.1:0"); err != nil {
@@ -95,19 +95,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			log.Info("embedded in-memory engine stopped")
 		}()
 		log.Warn(embeddedWarning, "engine_addr", mr.Addr())
-		opts = &redis.Options{Addr: mr.Addr(), DB: max(cfg.RedisDB, 0), ContextTimeoutEnabled: true}
+		opts = &redis.UniversalOptions{Addrs: []string{mr.Addr()}, DB: max(cfg.RedisDB, 0), ContextTimeoutEnabled: true}
 	} else {
 		if opts, err = cfg.redisOptions(); err != nil {
 			return err
 		}
-		log.Info("using Redis", "url", redactURL(cfg.RedisURL), "db", opts.DB)
+		log.Info("using Redis", "url", redactURL(cfg.RedisURL), "topology", topologyName(opts), "db", opts.DB)
 	}
 	blockingOpts := *opts
 	// One connection per blocking wait, the shared pub/sub connection, and
-	// one to spare.
+	// one to spare (per node, on Redis Cluster).
 	blockingOpts.PoolSize = cfg.BlockingWaits + 2
-	var rdb redis.UniversalClient = redis.NewClient(opts)
-	var blocking redis.UniversalClient = redis.NewClient(&blockingOpts)
+	rdb := redis.NewUniversalClient(opts)
+	blocking := redis.NewUniversalClient(&blockingOpts)
 	defer func() {
 		_ = blocking.Close()
 		_ = rdb.Close()
@@ -542,12 +542,18 @@ func printRedisACL(w io.Writer, cfg *Config) {
 	if user == "" {
 		user = "qbridge"
 	}
-	args := redisacl.SetUser(user, "PASSWORD", cfg.KeyPrefix)
+	args, line := redisacl.SetUser(user, "PASSWORD", cfg.KeyPrefix), redisacl.ConfigLine(user, "PASSWORD", cfg.KeyPrefix)
+	where := ""
+	if o, err := redisTopology(cfg.RedisURL); err == nil && o.IsClusterMode {
+		// Every node of a Redis Cluster, with what the cluster client asks.
+		args, line = redisacl.ClusterSetUser(user, "PASSWORD", cfg.KeyPrefix), redisacl.ClusterConfigLine(user, "PASSWORD", cfg.KeyPrefix)
+		where = " on every node of the Redis Cluster"
+	}
 	words := make([]string, len(args))
 	for i, a := range args {
 		words[i] = fmt.Sprint(a)
 	}
-	fmt.Fprintf(w, "# Least-privilege Redis ACL for qbridged (key prefix %q); replace PASSWORD.\n", cfg.KeyPrefix)
+	fmt.Fprintf(w, "# Least-privilege Redis ACL for qbridged (key prefix %q)%s; replace PASSWORD.\n", cfg.KeyPrefix, where)
 	fmt.Fprintf(w, "# With redis-cli:\n%s\n", strings.Join(words, " "))
-	fmt.Fprintf(w, "# Or as a line of an ACL file (aclfile) or redis.conf:\n%s\n", redisacl.ConfigLine(user, "PASSWORD", cfg.KeyPrefix))
+	fmt.Fprintf(w, "# Or as a line of an ACL file (aclfile) or redis.conf:\n%s\n", line)
 }

@@ -13,6 +13,10 @@
 // permissions operators give it. WithTLS makes the server speak TLS only,
 // with client certificates.
 //
+// StartCluster and StartSentinel (cluster.go) run whole topologies of such
+// servers: a Redis Cluster of three masters, and a master with a replica
+// watched by three sentinels.
+//
 // If no redis-server binary can be found, Start skips the test with a loud
 // message, unless QBRIDGE_REQUIRE_REDIS is "1" or "true", in which case the
 // test fails instead.
@@ -49,7 +53,8 @@ const (
 
 	// ServiceUser is the ACL user of every Server that URL and
 	// ServiceOptions connect as: it has redisacl.Rules("") (or the prefix
-	// of WithServicePrefix) and nothing more.
+	// of WithServicePrefix; redisacl.ClusterRules on the nodes of
+	// StartCluster) and nothing more.
 	ServiceUser = "qbridge"
 	// ServicePassword is ServiceUser's password (URL-safe).
 	ServicePassword = "qbridge-test-secret"
@@ -90,6 +95,11 @@ type config struct {
 	args          []string
 	tls           bool
 	servicePrefix string
+	// cluster makes the server a Redis Cluster node (StartCluster).
+	cluster bool
+	// sentinel, when set, makes the process a Redis Sentinel
+	// (StartSentinel): it is the initial content of its sentinel.conf.
+	sentinel string
 }
 
 // Option configures a Server.
@@ -433,23 +443,29 @@ func (s *Server) current() *process {
 	return s.proc
 }
 
-func (s *Server) logPath() string    { return filepath.Join(s.dir, "redis.log") }
-func (s *Server) stderrPath() string { return filepath.Join(s.dir, "redis.stdout-stderr.log") }
+func (s *Server) logPath() string      { return filepath.Join(s.dir, "redis.log") }
+func (s *Server) stderrPath() string   { return filepath.Join(s.dir, "redis.stdout-stderr.log") }
+func (s *Server) sentinelPath() string { return filepath.Join(s.dir, "sentinel.conf") }
 
 func (s *Server) args() []string {
 	var args []string
+	if s.cfg.sentinel != "" {
+		// A sentinel reads (and rewrites) its config file, which must come
+		// first; the command line below overrides what it says.
+		args = append(args, s.sentinelPath(), "--sentinel")
+	}
 	if s.certs != nil {
 		f := s.certs.Files
-		args = []string{
+		args = append(args,
 			"--port", "0",
 			"--tls-port", strconv.Itoa(s.port),
 			"--tls-cert-file", f.ServerCert,
 			"--tls-key-file", f.ServerKey,
 			"--tls-ca-cert-file", f.CA,
 			"--tls-auth-clients", "yes",
-		}
+		)
 	} else {
-		args = []string{"--port", strconv.Itoa(s.port)}
+		args = append(args, "--port", strconv.Itoa(s.port))
 	}
 	args = append(args,
 		"--bind", "127.0.0.1",
@@ -460,10 +476,26 @@ func (s *Server) args() []string {
 		"--databases", "16",
 		"--save", "",
 	)
+	if s.cfg.sentinel != "" {
+		// Sentinels run without ServiceUser: anyone on 127.0.0.1 may ask
+		// them where the master is.
+		return append(args, s.cfg.args...)
+	}
+	if s.cfg.cluster {
+		args = append(args,
+			"--cluster-enabled", "yes",
+			"--cluster-config-file", filepath.Join(s.dir, "nodes.conf"),
+			"--cluster-node-timeout", strconv.Itoa(clusterNodeTimeoutMs),
+		)
+	}
 	// ServiceUser, as a "user" directive: redis-server quotes each
 	// argument, so the rules reach its ACL parser one by one, unchanged.
 	args = append(args, "--user", ServiceUser, "on", ">"+ServicePassword)
-	args = append(args, redisacl.Rules(s.cfg.servicePrefix)...)
+	if s.cfg.cluster {
+		args = append(args, redisacl.ClusterRules(s.cfg.servicePrefix)...)
+	} else {
+		args = append(args, redisacl.Rules(s.cfg.servicePrefix)...)
+	}
 	if s.cfg.aof {
 		args = append(args, "--appendonly", "yes", "--appendfsync", "always")
 	} else {
@@ -481,6 +513,16 @@ func (s *Server) launch() error {
 		return err
 	}
 	defer out.Close() // the child has its own copy of the descriptor
+
+	if s.cfg.sentinel != "" {
+		// Written once: later runs read what the sentinel rewrote (its id,
+		// the current master, the other sentinels it knows).
+		if _, err := os.Stat(s.sentinelPath()); errors.Is(err, os.ErrNotExist) {
+			if err := os.WriteFile(s.sentinelPath(), []byte(s.cfg.sentinel), 0o644); err != nil {
+				return err
+			}
+		}
+	}
 
 	// Remember where this run's log output starts, so that failures are
 	// classified by this run's messages only (the log is shared by runs).

@@ -31,6 +31,14 @@
 //
 //	user qbridge on >secret resetkeys ~app:* ~{app:* resetchannels &app:* -@all +hello +auth ...
 //
+// On Redis Cluster every node needs the same user, with two more commands
+// that go-redis's cluster client sends by itself (ClusterCommands: CLUSTER
+// SLOTS and COMMAND); ClusterRules, ClusterSetUser and ClusterConfigLine
+// include them. With Sentinel the master and replicas need the plain rule
+// set; the sentinels are asked, with their own credentials if they have
+// any, SENTINEL GET-MASTER-ADDR-BY-NAME and SENTINEL SENTINELS, and are
+// subscribed to for +switch-master.
+//
 // Limits of the rule set:
 //
 //   - Redis checks a PSUBSCRIBE pattern literally against the channel
@@ -127,6 +135,40 @@ var Commands = []string{
 	"punsubscribe", // a pattern Subscribe stream ends
 }
 
+// ClusterCommands lists what qbridge needs on Redis Cluster besides
+// Commands: go-redis's cluster client asks for them on its own. A single
+// Redis, or one behind Sentinel, needs none of them.
+var ClusterCommands = []string{
+	"cluster|slots", // which node serves which slot, at start-up and after a MOVED or a failure
+	"command",       // the command table (key positions, routing tips), once per client; metadata only
+}
+
+// ClusterRules returns Rules(prefix) with ClusterCommands added: the ACL
+// of qbridge's user on every node of a Redis Cluster.
+func ClusterRules(prefix string) []string {
+	rules := Rules(prefix)
+	for _, c := range ClusterCommands {
+		rules = append(rules, "+"+c)
+	}
+	return rules
+}
+
+// ClusterSetUser is SetUser for the nodes of a Redis Cluster (with
+// ClusterCommands).
+func ClusterSetUser(user, password, prefix string) []any {
+	args := []any{"ACL", "SETUSER", user, "on", ">" + password}
+	for _, r := range ClusterRules(prefix) {
+		args = append(args, r)
+	}
+	return args
+}
+
+// ClusterConfigLine is ConfigLine for the nodes of a Redis Cluster (with
+// ClusterCommands).
+func ClusterConfigLine(user, password, prefix string) string {
+	return configLine(user, password, ClusterRules(prefix))
+}
+
 // Rules returns the ACL SETUSER rules (without "on", the user name or a
 // password) that give qbridge with key prefix prefix exactly what it needs;
 // see the package documentation.
@@ -160,7 +202,11 @@ func SetUser(user, password, prefix string) []any {
 // file. Arguments that need it (spaces, quotes, control characters, empty)
 // are double-quoted the way Redis reads those files.
 func ConfigLine(user, password, prefix string) string {
-	words := append([]string{"user", user, "on", ">" + password}, Rules(prefix)...)
+	return configLine(user, password, Rules(prefix))
+}
+
+func configLine(user, password string, rules []string) string {
+	words := append([]string{"user", user, "on", ">" + password}, rules...)
 	for i, w := range words {
 		words[i] = configQuote(w)
 	}

@@ -246,3 +246,40 @@ func TestRealRedis(t *testing.T) {
 		t.Errorf("config-file user: RPUSH app:q: %v; want NOPERM", err)
 	}
 }
+
+// TestClusterRules: the cluster rule set is the plain one plus
+// ClusterCommands, in every form; the plain one has none of them (a single
+// Redis does not need them).
+func TestClusterRules(t *testing.T) {
+	for _, c := range redisacl.ClusterCommands {
+		if slices.Contains(redisacl.Commands, c) {
+			t.Errorf("%s is in both Commands and ClusterCommands", c)
+		}
+		if c != strings.ToLower(c) || strings.ContainsAny(c, " \t") || c == "" {
+			t.Errorf("cluster command %q: want lower case, one word", c)
+		}
+	}
+	for _, prefix := range []string{"", "app:"} {
+		want := append(redisacl.Rules(prefix), "+cluster|slots", "+command")
+		if got := redisacl.ClusterRules(prefix); !slices.Equal(got, want) {
+			t.Errorf("ClusterRules(%q) = %q, want %q", prefix, got, want)
+		}
+		if got, want := redisacl.ClusterConfigLine("svc", "pw", prefix), "user svc on >pw "+strings.Join(want, " "); got != want {
+			t.Errorf("ClusterConfigLine = %s, want %s", got, want)
+		}
+		args := redisacl.ClusterSetUser("svc", "pw", prefix)
+		if len(args) != 5+len(want) || args[len(args)-1] != "+command" || args[2] != "svc" || args[4] != ">pw" {
+			t.Errorf("ClusterSetUser = %v", args)
+		}
+	}
+	// A real Redis takes the line.
+	rs := redistest.Start(t)
+	admin := rs.Client(t, 0)
+	if err := admin.Do(ctxT(t), redisacl.ClusterSetUser("cl", "pw", "app:")...).Err(); err != nil {
+		t.Fatalf("ACL SETUSER: %v", err)
+	}
+	c := login(t, rs, "cl", "pw")
+	if err := c.Command(ctxT(t)).Err(); err != nil {
+		t.Errorf("COMMAND as the cluster user: %v", err)
+	}
+}
