@@ -336,7 +336,10 @@ func (s *Server) enqueue(ctx context.Context, queue string, waitForRoom bool, ms
 	for {
 		var err error
 		res, err = s.b.EnqueueMany(ctx, queue, out)
-		if err == nil && res.Created {
+		// Not replicated in time (--enqueue-replicas) still means written
+		// on the master: register and index it like a success.
+		written := err == nil || errors.Is(err, broker.ErrNotReplicated)
+		if written && res.Created {
 			// New, or deleted (through any instance) and recreated: make
 			// sure it is registered whatever this process remembers.
 			s.known.Delete(queue)
@@ -347,7 +350,7 @@ func (s *Server) enqueue(ctx context.Context, queue string, waitForRoom bool, ms
 			return res, fmt.Errorf("%w; retry later, or set wait_for_room to wait for consumers to make room", err)
 		}
 		if !errors.As(err, &full) {
-			if err == nil && !res.FirstDue.IsZero() {
+			if written && !res.FirstDue.IsZero() {
 				s.noteDue(ctx, queue, res.FirstDue)
 			}
 			return res, err

@@ -54,6 +54,9 @@ func toStatus(err error) error {
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.As(err, &stale):
 		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, broker.ErrNotReplicated):
+		// The message is enqueued on the master; the error says so.
+		return status.Error(codes.Unavailable, err.Error())
 	case errors.Is(err, errShuttingDown):
 		return status.Error(codes.Unavailable, err.Error())
 	case errors.Is(err, broker.ErrUnavailable):

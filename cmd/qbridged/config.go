@@ -61,6 +61,8 @@ type Config struct {
 	BlockingWaits    int
 	IdlePoll         time.Duration
 	Coalescing       int
+	EnqueueReplicas  int
+	ReplicasTimeout  time.Duration
 	MaxAttempts      int
 	RetryBackoffMin  time.Duration
 	RetryBackoffMax  time.Duration
@@ -230,6 +232,12 @@ var flagDefs = []flagDef{
 	{"coalescing", "n", "4",
 		"Concurrent Enqueue, Publish, Ack and dropping Nack calls are merged into shared Redis pipelines (one script run per queue), at most this many in flight per kind at once; 0 sends each call on its own.",
 		func(c *Config) flag.Value { return (*intValue)(&c.Coalescing) }},
+	{"enqueue-replicas", "n", "0",
+		"Acknowledge an Enqueue or EnqueueBatch only once this many replicas of the Redis master have it (Redis WAIT after each pipeline of enqueues), so that a failover to one of them keeps it. When fewer acknowledge within --enqueue-replicas-timeout the call fails with UNAVAILABLE although the message is enqueued on the master. 0: off (replication is asynchronous).",
+		func(c *Config) flag.Value { return (*intValue)(&c.EnqueueReplicas) }},
+	{"enqueue-replicas-timeout", "duration", "1s",
+		"How long an enqueue waits for --enqueue-replicas replicas (1ms to 1m).",
+		func(c *Config) flag.Value { return (*durationValue)(&c.ReplicasTimeout) }},
 	{"max-attempts", "n", "25",
 		"Default retry policy: deliveries of a message before it is dead-lettered (1 to 1000). A queue's config and an Enqueue may override it.",
 		func(c *Config) flag.Value { return (*intValue)(&c.MaxAttempts) }},
@@ -434,6 +442,15 @@ func (c *Config) validate() error {
 	}
 	if c.Coalescing < 0 {
 		bad("coalescing", "must be 0 (off) or a positive number, got %d", c.Coalescing)
+	}
+	if c.EnqueueReplicas < 0 {
+		bad("enqueue-replicas", "must be 0 (off) or a number of replicas, got %d", c.EnqueueReplicas)
+	}
+	if c.EnqueueReplicas > 0 && c.RedisURL == "" && !c.PrintRedisACL {
+		bad("enqueue-replicas", "needs --redis-url: the embedded engine has no replicas")
+	}
+	if c.ReplicasTimeout < time.Millisecond || c.ReplicasTimeout > time.Minute {
+		bad("enqueue-replicas-timeout", "must be between 1ms and 1m, got %v", c.ReplicasTimeout)
 	}
 	if c.IdlePoll < time.Millisecond {
 		bad("idle-poll", "must be at least 1ms, got %v", c.IdlePoll)

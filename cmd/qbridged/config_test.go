@@ -55,6 +55,7 @@ func TestConfigDefaults(t *testing.T) {
 		BlockingWaits:    24,
 		IdlePoll:         250 * time.Millisecond,
 		Coalescing:       4,
+		ReplicasTimeout:  time.Second,
 		MaxAttempts:      25,
 		RetryBackoffMin:  time.Second,
 		RetryBackoffMax:  10 * time.Minute,

@@ -128,6 +128,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}),
 		broker.WithResultRetention(cfg.ResultRetention),
 		broker.WithCoalescing(cfg.Coalescing),
+		broker.WithEnqueueReplicas(cfg.EnqueueReplicas, cfg.ReplicasTimeout),
 	)
 	loadCtx, cancelLoad := context.WithTimeout(ctx, loadScriptsTimeout)
 	if err := b.LoadScripts(loadCtx); err != nil {

@@ -26,6 +26,8 @@ type Broker struct {
 	enqueues  *coalescer[*enqueueCall]
 	publishes *coalescer[*publishCall]
 	settles   *coalescer[*settleCall]
+	// dur is WithEnqueueReplicas (durability.go).
+	dur durability
 }
 
 // Policy is a queue policy. As server defaults every field is used; in a

@@ -172,7 +172,12 @@ func (b *Broker) flushEnqueues(calls []*enqueueCall) {
 		}
 		runs[i] = scriptRun{script: enqueueScript, queue: q, args: args}
 	}
-	b.runMany(ctx, runs)
+	var acks []replicaAck
+	if b.dur.replicas > 0 {
+		acks = b.runManyWait(ctx, runs) // the scripts, then WAIT (durability.go)
+	} else {
+		b.runMany(ctx, runs)
+	}
 	for i, q := range order {
 		group := byQueue[q]
 		if err := runs[i].err; err != nil {
@@ -191,6 +196,9 @@ func (b *Broker) flushEnqueues(calls []*enqueueCall) {
 			continue
 		}
 		parseEnqueueReply(q, out, group)
+		if acks != nil {
+			b.checkReplicated(q, group, acks[i])
+		}
 	}
 }
 

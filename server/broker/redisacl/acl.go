@@ -80,6 +80,9 @@ var Commands = []string{
 	"eval",        // runs a script that Redis lost from its cache (NOSCRIPT after a restart or SCRIPT FLUSH)
 	"script|load", // loads every script at start-up and after NOSCRIPT
 
+	// Replication.
+	"wait", // --enqueue-replicas (WithEnqueueReplicas): after a flush's enqueue scripts, wait until n replicas have them
+
 	// Transactions.
 	"multi", // SetConfig replaces a queue's config hash atomically (TxPipelined)
 	"exec",  // ends that transaction
