@@ -407,6 +407,9 @@ type QueueStats struct {
 	AckRate float64
 	// Paused tells whether the queue is paused (see AdminService.PauseQueue).
 	Paused bool
+	// Consumers is how many Consume streams are open on the queue, over
+	// all qbridge instances (each reports about once a second).
+	Consumers int64
 	// Counters are the queue's event totals.
 	Counters QueueCounters
 }
@@ -448,6 +451,7 @@ func (c *Client) Stats(ctx context.Context, queue string) (*QueueStats, error) {
 		EnqueueRate:    resp.GetEnqueueRate(),
 		AckRate:        resp.GetAckRate(),
 		Paused:         resp.GetPaused(),
+		Consumers:      resp.GetConsumers(),
 		Counters: QueueCounters{
 			Enqueued:     ct.GetEnqueued(),
 			Acked:        ct.GetAcked(),

@@ -340,6 +340,7 @@ type jsonStats struct {
 	EnqueueRate           float64                 `json:"enqueue_rate"`
 	AckRate               float64                 `json:"ack_rate"`
 	Paused                bool                    `json:"paused"`
+	Consumers             int64                   `json:"consumers"`
 	Counters              jsonCounters            `json:"counters"`
 	TaskTypes             map[string]jsonCounters `json:"task_types,omitempty"`
 }
@@ -349,7 +350,8 @@ func newJSONStats(s *qbridgev1.GetQueueStatsResponse) jsonStats {
 		Queue: s.GetQueue(), Ready: s.GetReady(), InFlight: s.GetInFlight(), Delayed: s.GetDelayed(), Dead: s.GetDead(),
 		OldestReadyAgeSeconds: s.GetOldestReadyAge().AsDuration().Seconds(),
 		EnqueueRate:           s.GetEnqueueRate(), AckRate: s.GetAckRate(), Paused: s.GetPaused(),
-		Counters: newJSONCounters(s.GetCounters()),
+		Consumers: s.GetConsumers(),
+		Counters:  newJSONCounters(s.GetCounters()),
 	}
 	for t, c := range s.GetTaskTypes() {
 		if js.TaskTypes == nil {
@@ -372,6 +374,7 @@ func statsText(s jsonStats) string {
 		[2]string{"enqueue rate", rate(s.EnqueueRate) + "/s (last minute)"},
 		[2]string{"ack rate", rate(s.AckRate) + "/s (last minute)"},
 		[2]string{"paused", yesNo(s.Paused)},
+		[2]string{"consumers", strconv.FormatInt(s.Consumers, 10)},
 		[2]string{"totals", s.Counters.text()},
 	)
 	for _, t := range slices.Sorted(maps.Keys(s.TaskTypes)) {
@@ -380,7 +383,7 @@ func statsText(s jsonStats) string {
 	return out
 }
 
-var statsHeader = []string{"QUEUE", "READY", "IN FLIGHT", "DELAYED", "DEAD", "ENQ/S", "ACK/S", "OLDEST", "PAUSED"}
+var statsHeader = []string{"QUEUE", "READY", "IN FLIGHT", "DELAYED", "DEAD", "ENQ/S", "ACK/S", "OLDEST", "CONSUMERS", "PAUSED"}
 
 // statsRow is one queue's row of the stats table; enq and ack are the
 // rates to show.
@@ -392,7 +395,7 @@ func statsRow(s jsonStats, enq, ack float64) []string {
 	return []string{
 		s.Queue, strconv.FormatInt(s.Ready, 10), strconv.FormatInt(s.InFlight, 10),
 		strconv.FormatInt(s.Delayed, 10), strconv.FormatInt(s.Dead, 10), rate(enq), rate(ack),
-		textAge(time.Duration(s.OldestReadyAgeSeconds * float64(time.Second))), paused,
+		textAge(time.Duration(s.OldestReadyAgeSeconds * float64(time.Second))), strconv.FormatInt(s.Consumers, 10), paused,
 	}
 }
 
