@@ -754,6 +754,14 @@ func TestSentinelFailover(t *testing.T) {
 			default:
 			}
 			ctx, cancel := context.WithCancel(context.Background())
+			// A Recv on an empty queue waits for ever: stop ends it.
+			go func() {
+				select {
+				case <-stop:
+					cancel()
+				case <-ctx.Done():
+				}
+			}()
 			st, err := cons.client.Consume(ctx, &qbridgev1.ConsumeRequest{Queue: q, MaxInFlight: 16, LeaseDuration: lease(2 * time.Second)})
 			for err == nil {
 				var resp *qbridgev1.ConsumeResponse

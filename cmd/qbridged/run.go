@@ -106,8 +106,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	// One connection per blocking wait, the shared pub/sub connection, and
 	// one to spare (per node, on Redis Cluster).
 	blockingOpts.PoolSize = cfg.BlockingWaits + 2
-	rdb := redis.NewUniversalClient(opts)
-	blocking := redis.NewUniversalClient(&blockingOpts)
+	rdb := newRedisClient(opts)
+	blocking := newRedisClient(&blockingOpts)
 	defer func() {
 		_ = blocking.Close()
 		_ = rdb.Close()

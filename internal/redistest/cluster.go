@@ -15,8 +15,8 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// Topologies: StartCluster runs a Redis Cluster of three masters,
-// StartSentinel a master with a replica watched by three sentinels. Every
+// Topologies: StartCluster runs a Redis Cluster of three masters (with
+// WithReplicas(1), each with a replica), StartSentinel a master with a replica watched by three sentinels. Every
 // process is a Server like those of Start (127.0.0.1, a free port, a private
 // directory, ServiceUser on the data nodes, killed by PID at cleanup), so
 // the options of Start apply to their data nodes, except WithTLS.
@@ -47,7 +47,58 @@ var findRedisCLI = func() string {
 }
 
 func withCluster() Option { return func(c *config) { c.cluster = true } }
-func withoutTLS() Option  { return func(c *config) { c.tls = false } }
+
+// replicasMarker is how WithReplicas records its count in a config (the
+// config type is shared with Start): two pseudo-arguments, the marker and
+// the count, that StartCluster reads and strips before starting nodes.
+const replicasMarker = "\x00redistest-cluster-replicas"
+
+// WithReplicas makes StartCluster give each of its ClusterSize masters n
+// replicas (ClusterSize*(1+n) nodes, joined with `redis-cli --cluster
+// create --cluster-replicas n`), so that killing a master (KillMasterOf)
+// makes the cluster promote a replica of it (WaitPromotion). Replicas have
+// ServiceUser like every node, but replicate as the default user: the
+// service user's ACL (redisacl.ClusterRules) has no PSYNC, SYNC or
+// REPLCONF, and the default user of these test servers has every
+// permission and no password, so no masteruser/masterauth is needed.
+// Only StartCluster understands it (Start ignores it).
+func WithReplicas(n int) Option {
+	return func(c *config) { c.args = append(c.args, replicasMarker, strconv.Itoa(n)) }
+}
+
+// clusterReplicas returns the replica count WithReplicas set in opts (the
+// last one wins).
+func clusterReplicas(opts []Option) int {
+	var c config
+	for _, o := range opts {
+		o(&c)
+	}
+	n := 0
+	for i := 0; i+1 < len(c.args); i++ {
+		if c.args[i] == replicasMarker {
+			n, _ = strconv.Atoi(c.args[i+1])
+			i++
+		}
+	}
+	return n
+}
+
+// stripReplicas removes WithReplicas's pseudo-arguments from a config.
+func stripReplicas() Option {
+	return func(c *config) {
+		var args []string
+		for i := 0; i < len(c.args); i++ {
+			if c.args[i] == replicasMarker && i+1 < len(c.args) {
+				i++
+				continue
+			}
+			args = append(args, c.args[i])
+		}
+		c.args = args
+	}
+}
+
+func withoutTLS() Option { return func(c *config) { c.tls = false } }
 func hasTLS(opts []Option) bool {
 	var c config
 	for _, o := range opts {
@@ -56,16 +107,19 @@ func hasTLS(opts []Option) bool {
 	return c.tls
 }
 
-// Cluster is a Redis Cluster of ClusterSize masters (no replicas), each a
-// Server with its own directory and nodes.conf, started by StartCluster.
+// Cluster is a Redis Cluster of ClusterSize masters (no replicas, or
+// WithReplicas(n) each), each node a Server with its own directory and
+// nodes.conf, started by StartCluster.
 type Cluster struct {
-	nodes []*Server
+	nodes    []*Server
+	replicas int
 }
 
 // StartCluster starts ClusterSize cluster-enabled redis-server processes
 // (cluster-node-timeout 2000 ms, each with ServiceUser), joins them with
-// `redis-cli --cluster create` (slots split evenly, no replicas) and waits
-// until every node reports cluster_state:ok. opts apply to every node;
+// `redis-cli --cluster create` (slots split evenly, no replicas; with
+// WithReplicas(n), ClusterSize*n more nodes as replicas) and waits until
+// every node reports cluster_state:ok (and every replica is in sync). opts apply to every node;
 // WithTLS is not supported (each node would have its own CA). Everything is
 // killed by PID at test cleanup. Like Start, it skips the test (or fails it
 // under QBRIDGE_REQUIRE_REDIS) when redis-server or redis-cli is missing.
@@ -80,14 +134,23 @@ func StartCluster(t testing.TB, opts ...Option) *Cluster {
 		missing(t, "redis-cli not found next to redis-server or in PATH (it comes with redis-server: apt-get install -y redis-server)")
 		return nil
 	}
-	c := &Cluster{}
-	nodeOpts := append(append([]Option(nil), opts...), withCluster())
-	for i := 0; i < ClusterSize; i++ {
+	c := &Cluster{replicas: clusterReplicas(opts)}
+	if c.replicas < 0 {
+		t.Fatalf("redistest: WithReplicas(%d)", c.replicas)
+		return nil
+	}
+	nodeOpts := append(append([]Option(nil), opts...), stripReplicas(), withCluster())
+	if c.replicas > 0 {
+		// Full syncs start at once, not after the default 5 s wait for
+		// more replicas.
+		nodeOpts = append([]Option{WithArgs("--repl-diskless-sync-delay", "0")}, nodeOpts...)
+	}
+	for i := 0; i < ClusterSize*(1+c.replicas); i++ {
 		c.nodes = append(c.nodes, Start(t, nodeOpts...))
 	}
 	args := []string{"--cluster", "create"}
 	args = append(args, c.Addrs()...)
-	args = append(args, "--cluster-replicas", "0", "--cluster-yes")
+	args = append(args, "--cluster-replicas", strconv.Itoa(c.replicas), "--cluster-yes")
 	ctx, cancel := context.WithTimeout(context.Background(), topologyTimeout)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, cli, args...).CombinedOutput()
@@ -114,8 +177,13 @@ func missing(t testing.TB, what string) {
 		"########################################################################", what, RequireEnv)
 }
 
-// Node returns node i (0 <= i < ClusterSize), for Kill, Restart, Addr, ...
+// Node returns node i (0 <= i < Len()), for Kill, Restart, Addr, ...
+// Roles change with failovers: see NodeOf and MasterOf.
 func (c *Cluster) Node(i int) *Server { return c.nodes[i] }
+
+// Len returns the number of nodes: ClusterSize, times 1+n with
+// WithReplicas(n).
+func (c *Cluster) Len() int { return len(c.nodes) }
 
 // Addrs returns the nodes' addresses, "127.0.0.1:PORT" each.
 func (c *Cluster) Addrs() []string {
@@ -164,29 +232,107 @@ func (c *Cluster) Restart(t testing.TB, i int) {
 	c.WaitOK(t)
 }
 
-// WaitOK waits until every node answers CLUSTER INFO with cluster_state:ok
-// and knows all ClusterSize nodes, and CLUSTER SLOTS of every node covers
-// all 16384 slots.
+// WaitOK waits until every node that runs answers CLUSTER INFO with
+// cluster_state:ok and knows all the cluster's nodes, CLUSTER SLOTS of
+// each covers all 16384 slots, every replica that runs is in sync with
+// its master (master_link_status:up), and every master that runs and
+// serves slots has a replica in sync as long as WithReplicas was given
+// and its replicas run. Killed nodes are skipped (after a failover the
+// others still know them, flagged fail).
 func (c *Cluster) WaitOK(t testing.TB) {
 	t.Helper()
 	deadline := time.Now().Add(topologyTimeout)
-	for _, n := range c.nodes {
-		for {
-			err := n.clusterOK()
-			if err == nil {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("redistest: cluster not ok within %v: node %s: %v\n%s", topologyTimeout, n.Addr(), err, n.logTail())
-				return
-			}
-			time.Sleep(pollInterval)
+	for {
+		err := c.ok()
+		if err == nil {
+			return
 		}
+		if time.Now().After(deadline) {
+			var logs strings.Builder
+			for _, n := range c.nodes {
+				if n.running() {
+					logs.WriteString(n.logTail())
+				}
+			}
+			t.Fatalf("redistest: cluster not ok within %v: %v\n%s", topologyTimeout, err, logs.String())
+			return
+		}
+		time.Sleep(pollInterval)
 	}
 }
 
-// clusterOK reports why s is not (yet) a member of a healthy cluster.
-func (s *Server) clusterOK() error {
+// ok reports why the cluster is not (yet) healthy; see WaitOK.
+func (c *Cluster) ok() error {
+	for _, n := range c.nodes {
+		if !n.running() {
+			continue
+		}
+		if err := n.clusterOK(len(c.nodes)); err != nil {
+			return fmt.Errorf("node %s: %w", n.Addr(), err)
+		}
+		if c.replicas == 0 {
+			continue
+		}
+		if err := c.replicationOK(n); err != nil {
+			return fmt.Errorf("node %s: %w", n.Addr(), err)
+		}
+	}
+	return nil
+}
+
+// replicationOK reports why node n's replication is not settled: a
+// replica not in sync, or a master with slots whose running replicas
+// are not all connected.
+func (c *Cluster) replicationOK(n *Server) error {
+	pc := n.probeClient()
+	defer pc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	info, err := pc.Info(ctx, "replication").Result()
+	if err != nil {
+		return err
+	}
+	if containsLine(info, "role:slave") {
+		if !containsLine(info, "master_link_status:up") {
+			return fmt.Errorf("replica not in sync with its master")
+		}
+		return nil
+	}
+	// A master: every running node that names it as its master must be
+	// connected to it.
+	nodes, err := pc.ClusterNodes(ctx).Result()
+	if err != nil {
+		return err
+	}
+	myID, want := "", 0
+	for _, line := range strings.Split(nodes, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && strings.Contains(f[2], "myself") {
+			myID = f[0]
+		}
+	}
+	for _, line := range strings.Split(nodes, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 4 && f[3] == myID && !strings.Contains(f[2], "fail") {
+			want++
+		}
+	}
+	if !containsLine(info, "connected_slaves:"+strconv.Itoa(want)) {
+		return fmt.Errorf("master has not its %d running replica(s) connected", want)
+	}
+	return nil
+}
+
+// running reports whether s's redis-server process runs (it was not
+// killed or stopped).
+func (s *Server) running() bool {
+	p := s.current()
+	return p != nil && !p.exited()
+}
+
+// clusterOK reports why s is not (yet) a member of a healthy cluster of
+// known nodes.
+func (s *Server) clusterOK(known int) error {
 	c := s.probeClient()
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
@@ -195,7 +341,7 @@ func (s *Server) clusterOK() error {
 	if err != nil {
 		return err
 	}
-	for _, want := range []string{"cluster_state:ok", "cluster_slots_assigned:16384", "cluster_known_nodes:" + strconv.Itoa(ClusterSize)} {
+	for _, want := range []string{"cluster_state:ok", "cluster_slots_assigned:16384", "cluster_known_nodes:" + strconv.Itoa(known)} {
 		if !containsLine(info, want) {
 			return fmt.Errorf("CLUSTER INFO lacks %s", want)
 		}
@@ -221,32 +367,122 @@ func (s *Server) probeClient() *redis.Client {
 		DialTimeout: 500 * time.Millisecond, ReadTimeout: time.Second, WriteTimeout: time.Second})
 }
 
-// NodeOf returns the index of the node that serves key's slot.
+// NodeOf returns the index of the node that serves key's slot (its
+// master), as a running node sees it.
 func (c *Cluster) NodeOf(t testing.TB, key string) int {
 	t.Helper()
+	i, err := c.masterOf(key)
+	if err != nil {
+		t.Fatalf("redistest: %v", err)
+	}
+	return i
+}
+
+// MasterOf is NodeOf: the index of the master serving key's slot.
+func (c *Cluster) MasterOf(t testing.TB, key string) int {
+	t.Helper()
+	return c.NodeOf(t, key)
+}
+
+// masterOf returns the index of the node the first running node names
+// as the master of key's slot.
+func (c *Cluster) masterOf(key string) (int, error) {
+	var probe *Server
+	for _, n := range c.nodes {
+		if n.running() {
+			probe = n
+			break
+		}
+	}
+	if probe == nil {
+		return -1, fmt.Errorf("no cluster node runs")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	pc := c.nodes[0].probeClient()
+	pc := probe.probeClient()
 	defer pc.Close()
 	slot, err := pc.ClusterKeySlot(ctx, key).Result()
 	if err != nil {
-		t.Fatalf("redistest: CLUSTER KEYSLOT %q: %v", key, err)
+		return -1, fmt.Errorf("CLUSTER KEYSLOT %q: %w", key, err)
 	}
 	slots, err := pc.ClusterSlots(ctx).Result()
 	if err != nil {
-		t.Fatalf("redistest: CLUSTER SLOTS: %v", err)
+		return -1, fmt.Errorf("CLUSTER SLOTS: %w", err)
 	}
 	for _, r := range slots {
 		if int64(r.Start) <= slot && slot <= int64(r.End) && len(r.Nodes) > 0 {
 			for i, n := range c.nodes {
 				if r.Nodes[0].Addr == n.Addr() {
-					return i
+					return i, nil
 				}
 			}
 		}
 	}
-	t.Fatalf("redistest: no node serves slot %d of %q", slot, key)
-	return -1
+	return -1, fmt.Errorf("no node serves slot %d of %q", slot, key)
+}
+
+// KillMasterOf kills, with SIGKILL (by PID), the master that serves
+// key's slot, and returns its index. With WithReplicas, a replica of it
+// takes over after cluster-node-timeout and an election: see
+// WaitPromotion. Without replicas the slots stay unserved until Restart.
+func (c *Cluster) KillMasterOf(t testing.TB, key string) int {
+	t.Helper()
+	i := c.NodeOf(t, key)
+	c.nodes[i].Kill(t)
+	return i
+}
+
+// WaitPromotion waits until the running nodes name a master other than
+// node old for key's slot, that node answers as a master, and the
+// cluster is ok again (WaitOK: cluster_state:ok on every running node,
+// all slots covered, replicas in sync), and returns the new master's
+// index. With the settings of StartCluster a failover takes a few
+// seconds (cluster-node-timeout, then an election).
+func (c *Cluster) WaitPromotion(t testing.TB, key string, old int) int {
+	t.Helper()
+	deadline := time.Now().Add(topologyTimeout)
+	for {
+		i, err := c.masterOf(key)
+		if err == nil && i == old {
+			err = fmt.Errorf("node %d (%s) still serves %q", old, c.nodes[old].Addr(), key)
+		}
+		if err == nil {
+			err = c.nodes[i].isMaster()
+		}
+		if err == nil {
+			err = c.ok()
+		}
+		if err == nil {
+			return i
+		}
+		if time.Now().After(deadline) {
+			var logs strings.Builder
+			for _, n := range c.nodes {
+				if n.running() {
+					logs.WriteString(n.logTail())
+				}
+			}
+			t.Fatalf("redistest: no failover from node %d (%s) within %v: %v\n%s", old, c.nodes[old].Addr(), topologyTimeout, err, logs.String())
+			return -1
+		}
+		time.Sleep(pollInterval)
+	}
+}
+
+// isMaster reports why s does not answer as a master.
+func (s *Server) isMaster() error {
+	c := s.probeClient()
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	info, err := c.Info(ctx, "replication").Result()
+	if err != nil {
+		return err
+	}
+	if !containsLine(info, "role:master") {
+		return fmt.Errorf("%s is not a master yet", s.Addr())
+	}
+	return nil
 }
 
 // Sentinel is a Redis master with one replica, watched by three

@@ -166,3 +166,78 @@ func fileExists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
 }
+
+func TestClusterWithReplicas(t *testing.T) {
+	t.Parallel()
+	c := StartCluster(t, WithReplicas(1))
+	if c.Len() != 2*ClusterSize {
+		t.Fatalf("Len() = %d, want %d", c.Len(), 2*ClusterSize)
+	}
+	masters, replicas := 0, 0
+	for i := 0; i < c.Len(); i++ {
+		info, err := c.Node(i).Client(t, 0).Info(ctx(t), "replication").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case containsLine(info, "role:master") && containsLine(info, "connected_slaves:1"):
+			masters++
+		case containsLine(info, "role:slave") && containsLine(info, "master_link_status:up"):
+			replicas++
+		default:
+			t.Fatalf("node %d: %s", i, info)
+		}
+		// The pseudo-arguments of WithReplicas never reach redis-server.
+		for _, a := range c.Node(i).args() {
+			if a == replicasMarker {
+				t.Fatalf("node %d got the WithReplicas marker: %q", i, c.Node(i).args())
+			}
+		}
+	}
+	if masters != ClusterSize || replicas != ClusterSize {
+		t.Fatalf("%d masters with a replica and %d replicas in sync, want %d each", masters, replicas, ClusterSize)
+	}
+
+	svc := redis.NewClusterClient(c.ServiceOptions())
+	t.Cleanup(func() { _ = svc.Close() })
+	const k = "failover-key"
+	if err := svc.RPush(ctx(t), k, "before").Err(); err != nil {
+		t.Fatalf("service user RPUSH: %v", err)
+	}
+	m := c.MasterOf(t, k)
+	// Replicated before the kill: WAIT on the master itself.
+	if n, err := c.Node(m).Client(t, 0).Wait(ctx(t), 1, 5*time.Second).Result(); err != nil || n != 1 {
+		t.Fatalf("WAIT 1 on the master: %d, %v", n, err)
+	}
+
+	start := time.Now()
+	if got := c.KillMasterOf(t, k); got != m {
+		t.Fatalf("KillMasterOf killed node %d, want %d", got, m)
+	}
+	if c.Node(m).running() {
+		t.Fatalf("node %d still runs after KillMasterOf", m)
+	}
+	nm := c.WaitPromotion(t, k, m)
+	t.Logf("failover of %q from node %d to node %d in %v", k, m, nm, time.Since(start).Round(time.Millisecond))
+	if nm == m || c.MasterOf(t, k) != nm {
+		t.Fatalf("WaitPromotion = %d, MasterOf = %d, killed %d", nm, c.MasterOf(t, k), m)
+	}
+	// go-redis reloads its slot map on MOVED or every
+	// ClusterStateReloadInterval (60 s by default), and the dead master
+	// sends no MOVED: reload it, as a client must after a failover.
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		err := svc.RPush(ctx(t), k, "after").Err()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("service user RPUSH after failover: %v", err)
+		}
+		svc.ReloadState(ctx(t))
+		time.Sleep(pollInterval)
+	}
+	if got, err := svc.LRange(ctx(t), k, 0, -1).Result(); err != nil || strings.Join(got, ",") != "before,after" {
+		t.Fatalf("LRANGE %s = %q, %v", k, got, err)
+	}
+}
