@@ -3,17 +3,12 @@ package server_test
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
-	"net"
 	"sort"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/redis/go-redis/v9"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 	"github.com/qbridge/qbridge/internal/redistest"
@@ -44,40 +39,7 @@ func startOnCluster(t *testing.T, c *redistest.Cluster) *topoInstance {
 		o.ClusterStateReloadInterval = failoverReloadInterval
 		return redis.NewClusterClient(o)
 	}
-	in := &topoInstance{main: mk(0), blocking: mk(server.DefaultBlockingWaits + 2)}
-	b := broker.New(in.main, broker.WithBlockingClient(in.blocking))
-	if err := b.LoadScripts(ctxT(t, 10*time.Second)); err != nil {
-		t.Fatalf("load scripts: %v", err)
-	}
-	in.srv = server.New(b,
-		server.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))),
-		server.WithReapInterval(100*time.Millisecond),
-		server.WithWaitSlice(time.Second),
-	)
-	in.srv.Start()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	in.gs = grpc.NewServer()
-	qbridgev1.RegisterQueueServiceServer(in.gs, in.srv)
-	qbridgev1.RegisterAdminServiceServer(in.gs, in.srv.Admin())
-	go func() { _ = in.gs.Serve(lis) }()
-	in.conn, err = grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	in.client = qbridgev1.NewQueueServiceClient(in.conn)
-	in.admin = qbridgev1.NewAdminServiceClient(in.conn)
-	t.Cleanup(func() {
-		in.srv.StopStreams()
-		in.gs.Stop()
-		in.srv.Close()
-		_ = in.conn.Close()
-		_ = in.blocking.Close()
-		_ = in.main.Close()
-	})
-	return in
+	return serveOn(t, mk(0), mk(server.DefaultBlockingWaits+2), nil)
 }
 
 // queueLoad is the bookkeeping of one queue under load.

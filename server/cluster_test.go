@@ -113,7 +113,14 @@ func startOn(t *testing.T, tp *topology, brokerOpts []broker.Option, serverOpts 
 		o.PoolSize = pool
 		return redis.NewUniversalClient(o)
 	}
-	in := &topoInstance{main: mk(0), blocking: mk(server.DefaultBlockingWaits + 2)}
+	return serveOn(t, mk(0), mk(server.DefaultBlockingWaits+2), brokerOpts, serverOpts...)
+}
+
+// serveOn runs a qbridge server over the given Redis clients (closed at
+// cleanup) and returns it with a gRPC client.
+func serveOn(t *testing.T, main, blocking redis.UniversalClient, brokerOpts []broker.Option, serverOpts ...server.Option) *topoInstance {
+	t.Helper()
+	in := &topoInstance{main: main, blocking: blocking}
 	b := broker.New(in.main, append([]broker.Option{broker.WithBlockingClient(in.blocking)}, brokerOpts...)...)
 	if err := b.LoadScripts(ctxT(t, 10*time.Second)); err != nil {
 		t.Fatalf("load scripts: %v", err)
