@@ -111,7 +111,7 @@ func (g *Guard) authenticate(ctx context.Context) (context.Context, error) {
 // throttled like any other flood (and beyond the rate, not logged).
 func (g *Guard) reject(ctx context.Context, method, why, msg string) (context.Context, error) {
 	c := &caller{p: &principal{name: anonymousName}, usage: g.anonymousUsage(clientIP(ctx))}
-	if err := g.admit(c, 0); err != nil {
+	if err := g.admit(c, nil); err != nil {
 		return nil, err
 	}
 	g.log.WarnContext(ctx, "unauthenticated call: "+why, "method", method, "peer", peerAddr(ctx))
@@ -174,7 +174,7 @@ func (g *Guard) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, 
 		return nil, status.Error(codes.Internal, "qbridge: authorization ran before authentication")
 	}
 	notePrincipal(ctx, c.p.name)
-	if err := g.admit(c, messageSize(req)); err != nil {
+	if err := g.admit(c, req); err != nil {
 		return nil, err
 	}
 	r, err := g.authorize(ctx, c, info.FullMethod, req)
@@ -195,7 +195,7 @@ func (g *Guard) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInf
 		return status.Error(codes.Internal, "qbridge: authorization ran before authentication")
 	}
 	notePrincipal(ss.Context(), c.p.name)
-	if err := g.admit(c, 0); err != nil {
+	if err := g.admit(c, nil); err != nil {
 		return err
 	}
 	if infra, _ := g.infrastructure(info.FullMethod); !infra && c.p.public {
@@ -220,7 +220,7 @@ func (s *guardedStream) RecvMsg(m any) error {
 	if err := s.ServerStream.RecvMsg(m); err != nil {
 		return err
 	}
-	if err := s.g.admitBytes(s.c, messageSize(m)); err != nil {
+	if err := s.g.admitBytes(s.c, m); err != nil {
 		return err
 	}
 	_, err := s.g.authorize(s.Context(), s.c, s.method, m)
@@ -297,8 +297,9 @@ func (g *Guard) deny(ctx context.Context, c *caller, method, why string) error {
 	return status.Errorf(codes.PermissionDenied, "principal %q may not call %s: %s; grants are set in qbridged's config", c.p.name, method, why)
 }
 
-// admit takes one request and size bytes from the caller's rates.
-func (g *Guard) admit(c *caller, size int) error {
+// admit takes one request, and the size of msg (nil: none), from the
+// caller's rates.
+func (g *Guard) admit(c *caller, msg any) error {
 	u := c.usage
 	if u.req != nil {
 		now := g.now()
@@ -308,12 +309,18 @@ func (g *Guard) admit(c *caller, size int) error {
 			return exhausted(fmt.Sprintf("principal %q is over its request rate of %g/s (burst %d)", c.p.name, u.limits.RequestsPerSecond, u.req.Burst()), d)
 		}
 	}
-	return g.admitBytes(c, size)
+	return g.admitBytes(c, msg)
 }
 
-func (g *Guard) admitBytes(c *caller, size int) error {
+// admitBytes takes msg's size from the caller's byte rate. The size is only
+// computed when there is a byte rate: it walks the whole message.
+func (g *Guard) admitBytes(c *caller, msg any) error {
 	u := c.usage
-	if u.bytes == nil || size <= 0 {
+	if u.bytes == nil || msg == nil {
+		return nil
+	}
+	size := messageSize(msg)
+	if size <= 0 {
 		return nil
 	}
 	now := g.now()
