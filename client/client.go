@@ -217,6 +217,13 @@ func WithID(id string) EnqueueOption {
 	return func(r *qbridgev1.EnqueueRequest) { r.Id = id }
 }
 
+// WithOrderingKey routes the message, on a sharded queue, to the shard its
+// key picks: messages with the same key are delivered in the order they were
+// enqueued, like on an unsharded queue. Unsharded queues ignore it.
+func WithOrderingKey(key string) EnqueueOption {
+	return func(r *qbridgev1.EnqueueRequest) { r.OrderingKey = key }
+}
+
 // Enqueue appends one message to the tail of queue (or schedules it, see
 // WithDelay) and returns its id: the one set with WithID, or the one the
 // server assigned. When WithDedupKey matched an earlier message, nothing is
@@ -279,6 +286,9 @@ type Message struct {
 	// KeepResult keeps the message's outcome for GetResult, as
 	// WithKeepResult.
 	KeepResult bool
+	// OrderingKey picks the message's shard on a sharded queue, as
+	// WithOrderingKey ("": none).
+	OrderingKey string
 }
 
 func (m *Message) proto() *qbridgev1.BatchMessage {
@@ -293,6 +303,7 @@ func (m *Message) proto() *qbridgev1.BatchMessage {
 		RetryPolicy: m.RetryPolicy.proto(),
 		TaskType:    m.TaskType,
 		KeepResult:  m.KeepResult,
+		OrderingKey: m.OrderingKey,
 	}
 }
 
@@ -412,6 +423,19 @@ type QueueStats struct {
 	Consumers int64
 	// Counters are the queue's event totals.
 	Counters QueueCounters
+	// Shards is how many shards a sharded queue has (0 for an unsharded
+	// queue); ShardStats tells each one's figures.
+	Shards int
+}
+
+// ShardStats describes one shard of a sharded queue.
+type ShardStats struct {
+	// Shard is the shard's number, from 0.
+	Shard int
+	// List is the shard's Redis list (without the server's key prefix).
+	List string
+	// Ready, InFlight, Delayed and Dead are as in QueueStats.
+	Ready, InFlight, Delayed, Dead int64
 }
 
 // QueueCounters are a queue's event totals since its counters began.
@@ -442,6 +466,7 @@ func (c *Client) Stats(ctx context.Context, queue string) (*QueueStats, error) {
 	}
 	ct := resp.GetCounters()
 	return &QueueStats{
+		Shards:         len(resp.GetShards()),
 		Queue:          resp.GetQueue(),
 		Ready:          resp.GetReady(),
 		InFlight:       resp.GetInFlight(),
@@ -461,6 +486,21 @@ func (c *Client) Stats(ctx context.Context, queue string) (*QueueStats, error) {
 			Expired:      ct.GetExpired(),
 		},
 	}, nil
+}
+
+// ShardStats returns the figures of each shard of a sharded queue (nil for
+// an unsharded queue); Stats has their totals.
+func (c *Client) ShardStats(ctx context.Context, queue string) ([]ShardStats, error) {
+	resp, err := c.rpc.GetQueueStats(ctx, &qbridgev1.GetQueueStatsRequest{Queue: queue})
+	if err != nil {
+		return nil, err
+	}
+	var out []ShardStats
+	for _, sh := range resp.GetShards() {
+		out = append(out, ShardStats{Shard: int(sh.GetShard()), List: sh.GetList(),
+			Ready: sh.GetReady(), InFlight: sh.GetInFlight(), Delayed: sh.GetDelayed(), Dead: sh.GetDead()})
+	}
+	return out, nil
 }
 
 // durationOrNil converts d, leaving the field unset (the server's default)

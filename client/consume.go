@@ -189,6 +189,9 @@ type Delivery struct {
 	// TaskType is the task type given at enqueue time (see WithTaskType),
 	// or "" when none was.
 	TaskType string
+	// Shard is the shard of a sharded queue the message came from (0 for
+	// an unsharded queue).
+	Shard int
 
 	client *Client
 }
@@ -205,6 +208,7 @@ func (c *Client) delivery(d *qbridgev1.Delivery) *Delivery {
 		LeaseDeadline: timeOrZero(d.GetLeaseDeadline()),
 		LastError:     d.GetLastError(),
 		TaskType:      d.GetTaskType(),
+		Shard:         int(d.GetShard()),
 		client:        c,
 	}
 }

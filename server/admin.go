@@ -86,10 +86,17 @@ func (a *Admin) ListQueues(ctx context.Context, req *qbridgev1.ListQueuesRequest
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	qs, err := a.s.b.RegisteredQueues(ctx)
+	phys, err := a.s.b.RegisteredQueues(ctx)
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	// Shards are listed as their queue.
+	qs := make([]string, 0, len(phys))
+	for _, q := range phys {
+		qs = append(qs, broker.Logical(q))
+	}
+	slices.Sort(qs)
+	qs = slices.Compact(qs)
 	if visible, ok := ctx.Value(queueFilterKey{}).(func(string) bool); ok {
 		qs = slices.DeleteFunc(qs, func(q string) bool { return !visible(q) })
 	}
@@ -140,28 +147,59 @@ func (a *Admin) PeekMessages(ctx context.Context, req *qbridgev1.PeekMessagesReq
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	// A position is "<offset>" in an unsharded queue, "<shard>/<offset>"
+	// in a sharded one, whose shards are paged one after the other.
+	var shard int
 	var offset int64
 	if pos != "" {
-		if offset, err = strconv.ParseInt(pos, 10, 64); err != nil || offset < 0 {
+		sh, off, sharded := strings.Cut(pos, "/")
+		if !sharded {
+			sh, off = "0", pos
+		}
+		var err1, err2 error
+		shard, err1 = strconv.Atoi(sh)
+		offset, err2 = strconv.ParseInt(off, 10, 64)
+		if err1 != nil || err2 != nil || offset < 0 || shard < 0 {
 			return nil, toStatus(invalidf("page_token is not one this server handed out"))
 		}
 	}
 	if err := a.known(ctx, req.GetQueue()); err != nil {
 		return nil, toStatus(err)
 	}
-	// One position more than the page tells whether there is a next page.
-	ps, read, err := a.s.b.Peek(ctx, req.GetQueue(), state, offset, int64(n)+1)
+	shards, err := a.s.b.QueueShards(ctx, req.GetQueue())
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	// Read one position more than the page: it tells whether there is a
+	// next page, and where it starts.
 	resp := &qbridgev1.PeekMessagesResponse{}
-	if read > n {
-		resp.NextPageToken = encodePageToken(strconv.FormatInt(offset+int64(n), 10))
-	}
-	for _, p := range ps {
-		if p.Pos < offset+int64(n) {
-			resp.Messages = append(resp.Messages, queuedMessage(p, req.GetState()))
+	read := 0
+	for shard < len(shards) && read <= n {
+		want := n + 1 - read
+		ps, got, err := a.s.b.Peek(ctx, shards[shard], state, offset, int64(want))
+		if err != nil {
+			return nil, toStatus(err)
 		}
+		for _, p := range ps {
+			if read+int(p.Pos-offset) < n {
+				m := queuedMessage(p, req.GetState())
+				m.Shard = uint32(shard)
+				resp.Messages = append(resp.Messages, m)
+			}
+		}
+		read += got
+		if got < want {
+			shard, offset = shard+1, 0
+			continue
+		}
+		offset += int64(got)
+	}
+	if read > n {
+		next := strconv.FormatInt(offset-1, 10)
+		if len(shards) > 1 {
+			next = strconv.Itoa(shard) + "/" + next
+		}
+		resp.NextPageToken = encodePageToken(next)
 	}
 	return resp, nil
 }
@@ -197,11 +235,16 @@ func (a *Admin) PurgeQueue(ctx context.Context, req *qbridgev1.PurgeQueueRequest
 	if err := a.known(ctx, req.GetQueue()); err != nil {
 		return nil, toStatus(err)
 	}
-	n, err := a.s.b.Purge(ctx, req.GetQueue())
+	n, err := a.eachShard(ctx, req.GetQueue(), func(q string) (int64, error) {
+		n, err := a.s.b.Purge(ctx, q)
+		if err == nil {
+			_ = a.s.b.SetDue(ctx, q, time.Time{})
+		}
+		return n, err
+	})
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	_ = a.s.b.SetDue(ctx, req.GetQueue(), time.Time{})
 	a.s.log.Info("queue purged", "queue", req.GetQueue(), "messages", n)
 	return &qbridgev1.PurgeQueueResponse{Purged: n}, nil
 }
@@ -211,7 +254,9 @@ func (a *Admin) PauseQueue(ctx context.Context, req *qbridgev1.PauseQueueRequest
 	if err := a.known(ctx, req.GetQueue()); err != nil {
 		return nil, toStatus(err)
 	}
-	if err := a.s.b.SetPaused(ctx, req.GetQueue(), true); err != nil {
+	if _, err := a.eachShard(ctx, req.GetQueue(), func(q string) (int64, error) {
+		return 0, a.s.b.SetPaused(ctx, q, true)
+	}); err != nil {
 		return nil, toStatus(err)
 	}
 	a.s.log.Info("queue paused", "queue", req.GetQueue())
@@ -223,12 +268,17 @@ func (a *Admin) ResumeQueue(ctx context.Context, req *qbridgev1.ResumeQueueReque
 	if err := a.known(ctx, req.GetQueue()); err != nil {
 		return nil, toStatus(err)
 	}
-	if err := a.s.b.SetPaused(ctx, req.GetQueue(), false); err != nil {
-		return nil, toStatus(err)
-	}
 	// Wake the queue's dispatchers on every instance now, rather than at
 	// their next periodic look.
-	a.s.broadcastKick(ctx, req.GetQueue())
+	if _, err := a.eachShard(ctx, req.GetQueue(), func(q string) (int64, error) {
+		err := a.s.b.SetPaused(ctx, q, false)
+		if err == nil {
+			a.s.broadcastKick(ctx, q)
+		}
+		return 0, err
+	}); err != nil {
+		return nil, toStatus(err)
+	}
 	a.s.log.Info("queue resumed", "queue", req.GetQueue())
 	return &qbridgev1.ResumeQueueResponse{}, nil
 }
@@ -238,11 +288,38 @@ func (a *Admin) DeleteQueue(ctx context.Context, req *qbridgev1.DeleteQueueReque
 	if err := a.known(ctx, req.GetQueue()); err != nil {
 		return nil, toStatus(err)
 	}
-	if err := a.s.b.DeleteQueue(ctx, req.GetQueue(), req.GetForce()); err != nil {
+	shards, err := a.s.b.QueueShards(ctx, req.GetQueue())
+	if err != nil {
 		return nil, toStatus(err)
 	}
-	// Every instance must register the queue again if it is recreated.
-	a.s.broadcast(ctx, "forget", req.GetQueue())
+	if len(shards) > 1 && !req.GetForce() {
+		// Refuse before deleting any shard, rather than half way.
+		var held int64
+		for _, q := range shards {
+			st, err := a.s.b.Stats(ctx, q)
+			if err != nil {
+				return nil, toStatus(err)
+			}
+			held += st.InFlight
+		}
+		if held > 0 {
+			return nil, toStatus(&broker.InFlightError{Queue: req.GetQueue(), InFlight: held})
+		}
+	}
+	// The last shards first: until shard 0 is gone the queue still exists.
+	for i := len(shards) - 1; i >= 0; i-- {
+		if err := a.s.b.DeleteQueue(ctx, shards[i], req.GetForce()); err != nil {
+			return nil, toStatus(err)
+		}
+		// Every instance must register the queue again if it is recreated.
+		a.s.broadcast(ctx, "forget", shards[i])
+	}
+	if len(shards) > 1 {
+		if err := a.s.b.ForgetShards(ctx, req.GetQueue()); err != nil {
+			return nil, toStatus(err)
+		}
+		a.s.broadcast(ctx, "shards", req.GetQueue())
+	}
 	a.s.log.Info("queue deleted", "queue", req.GetQueue(), "force", req.GetForce())
 	return &qbridgev1.DeleteQueueResponse{}, nil
 }
@@ -272,7 +349,9 @@ func (a *Admin) ReplayDeadLetters(ctx context.Context, req *qbridgev1.ReplayDead
 	if err := a.known(ctx, req.GetQueue()); err != nil {
 		return nil, toStatus(err)
 	}
-	n, err := a.s.b.ReplayDead(ctx, req.GetQueue(), req.GetIds(), req.GetAll())
+	n, err := a.eachShard(ctx, req.GetQueue(), func(q string) (int64, error) {
+		return a.s.b.ReplayDead(ctx, q, req.GetIds(), req.GetAll())
+	})
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -288,7 +367,9 @@ func (a *Admin) DeleteDeadLetters(ctx context.Context, req *qbridgev1.DeleteDead
 	if err := a.known(ctx, req.GetQueue()); err != nil {
 		return nil, toStatus(err)
 	}
-	n, err := a.s.b.DeleteDead(ctx, req.GetQueue(), req.GetIds(), req.GetAll())
+	n, err := a.eachShard(ctx, req.GetQueue(), func(q string) (int64, error) {
+		return a.s.b.DeleteDead(ctx, q, req.GetIds(), req.GetAll())
+	})
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -340,21 +421,63 @@ func (a *Admin) UpdateQueueConfig(ctx context.Context, req *qbridgev1.UpdateQueu
 	default:
 		return nil, toStatus(invalidf("config.expired_action %d is unknown", c.GetExpiredAction()))
 	}
-	if err := a.s.b.SetConfig(ctx, req.GetQueue(), p, expired); err != nil {
-		return nil, toStatus(err)
+	q := req.GetQueue()
+	if c.GetShards() > broker.MaxShards {
+		return nil, toStatus(invalidf("config.shards %d is above the limit %d", c.GetShards(), broker.MaxShards))
 	}
-	a.s.registerQueue(ctx, req.GetQueue())
-	cfg, err := a.effectiveConfig(ctx, req.GetQueue())
+	shards, err := a.s.b.QueueShards(ctx, q)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	a.s.log.Info("queue config updated", "queue", req.GetQueue())
+	for _, sq := range shards {
+		if err := a.s.b.SetConfig(ctx, sq, p, expired); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	a.s.registerQueue(ctx, q)
+	if n := int(c.GetShards()); n > len(shards) {
+		paused, err := a.s.b.Stats(ctx, q)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		// The new shards get the queue's config (and pause) before any
+		// instance can see them.
+		shards, err = a.s.b.GrowShards(ctx, q, n, func(more []string) error {
+			for _, sq := range more {
+				if err := a.s.b.SetConfig(ctx, sq, p, expired); err != nil {
+					return err
+				}
+				if paused.Paused {
+					if err := a.s.b.SetPaused(ctx, sq, true); err != nil {
+						return err
+					}
+				}
+			}
+			return a.s.b.RegisterQueue(ctx, more...)
+		})
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		a.s.broadcast(ctx, "shards", q)
+		a.s.log.Info("queue sharded", "queue", q, "shards", len(shards))
+	} else if n != 0 && n < len(shards) {
+		return nil, toStatus(&broker.ShrinkError{Queue: q, Have: len(shards), Ask: n})
+	}
+	cfg, err := a.effectiveConfig(ctx, q)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	a.s.log.Info("queue config updated", "queue", q)
 	return &qbridgev1.UpdateQueueConfigResponse{Config: cfg}, nil
 }
 
 // effectiveConfig is the queue's stored policy over the server defaults.
 func (a *Admin) effectiveConfig(ctx context.Context, queue string) (*qbridgev1.QueueConfig, error) {
 	p, storedExpired, err := a.s.b.Config(ctx, queue)
+	if err != nil {
+		return nil, err
+	}
+	shards, err := a.s.b.QueueShards(ctx, queue)
 	if err != nil {
 		return nil, err
 	}
@@ -386,7 +509,27 @@ func (a *Admin) effectiveConfig(ctx context.Context, queue string) (*qbridgev1.Q
 		MaxLength:     uint64(maxLen),
 		ExpiredAction: expired,
 		DedupWindow:   pick(p.DedupWindow, d.DedupWindow),
+		Shards:        uint32(len(shards)),
 	}, nil
+}
+
+// eachShard runs op on every shard of queue (the queue itself when it is
+// not sharded), reading the shard table from Redis rather than this
+// instance's copy, and adds up what op returns. It stops at the first error.
+func (a *Admin) eachShard(ctx context.Context, queue string, op func(q string) (int64, error)) (int64, error) {
+	shards, err := a.s.b.QueueShards(ctx, queue)
+	if err != nil {
+		return 0, err
+	}
+	var total int64
+	for _, q := range shards {
+		n, err := op(q)
+		total += n
+		if err != nil {
+			return total, err
+		}
+	}
+	return total, nil
 }
 
 // broadcastKick wakes queue's dispatchers on every instance.
@@ -404,8 +547,9 @@ func (s *Server) broadcast(ctx context.Context, verb, queue string) {
 
 // eventsChannel carries events for every instance: "kick <queue>" (look
 // at the queue again: it was resumed), "forget <queue>" (it was deleted:
-// register it again when it is used) and "ready <queue>" (published by the
-// scripts when a push finds the ready list empty; see idle.go).
+// register it again when it is used), "shards <queue>" (its shards changed:
+// reload them) and "ready <queue>" (published by the scripts when a push
+// finds the ready list empty; see idle.go).
 const eventsChannel = "{qbridge}:events"
 
 func (s *Server) applyEvent(payload string) {
@@ -417,6 +561,12 @@ func (s *Server) applyEvent(payload string) {
 		s.known.Delete(arg)
 	case "ready":
 		s.idleQueues.wake(arg)
+	case "shards":
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			s.refreshShards(ctx, arg)
+		}()
 	default:
 		s.log.Debug("unknown event", "event", fmt.Sprintf("%.64q", payload))
 	}

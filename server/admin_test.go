@@ -901,6 +901,7 @@ func TestAdminQueueConfig(t *testing.T) {
 		MaxLength:     0,
 		ExpiredAction: qbridgev1.ExpiredAction_EXPIRED_ACTION_DROP,
 		DedupWindow:   durationpb.New(10 * time.Minute),
+		Shards:        1,
 	}
 
 	_, err := a.admin.GetQueueConfig(ctx, &qbridgev1.GetQueueConfigRequest{Queue: q})
@@ -913,6 +914,7 @@ func TestAdminQueueConfig(t *testing.T) {
 		MaxLength:     2,
 		ExpiredAction: qbridgev1.ExpiredAction_EXPIRED_ACTION_DEAD_LETTER,
 		DedupWindow:   durationpb.New(30 * time.Second),
+		Shards:        1,
 	}
 	same(t, "update response", update(q, custom), custom)
 	same(t, "get after update", get(t, a, q), custom)

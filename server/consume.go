@@ -1,13 +1,16 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -52,8 +55,14 @@ type leaseKey struct{ queue, id string }
 
 // consumer is the state of one Consume stream.
 type consumer struct {
-	id      uint64
-	queues  []string // priority order, highest first
+	id uint64
+	// logical is the queues the stream asked for, in priority order; phys
+	// the queues it takes from: the same, with each sharded queue replaced
+	// by its shards (see shards.go). phys changes when a queue gains
+	// shards; fair is true when the stream consumes one sharded queue.
+	logical []string
+	phys    atomic.Pointer[[]string]
+	fair    atomic.Bool
 	window  int
 	lease   time.Duration
 	autoAck bool
@@ -73,6 +82,27 @@ type consumer struct {
 	left int
 }
 
+// queues returns the physical queues the stream takes from, highest
+// priority first.
+func (c *consumer) queues() []string { return *c.phys.Load() }
+
+// setQueues sets the physical queues (see consumer.logical).
+func (c *consumer) setQueues(phys []string, fair bool) {
+	c.phys.Store(&phys)
+	c.fair.Store(fair)
+}
+
+// share is the most one take from one queue may give the stream: its
+// credit, or for a sharded queue's stream a fair share of its window.
+func (c *consumer) share() int {
+	n := c.credit()
+	if c.fair.Load() {
+		k := len(c.queues())
+		n = min(n, max(1, (c.window+k-1)/k))
+	}
+	return n
+}
+
 // credit is how many more messages the stream may take.
 func (c *consumer) credit() int {
 	c.mu.Lock()
@@ -85,6 +115,12 @@ func (c *consumer) credit() int {
 		n = c.left
 	}
 	return n
+}
+
+func (c *consumer) isClosed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed
 }
 
 func (c *consumer) holding() int {
@@ -248,17 +284,70 @@ func (s *Server) attach(c *consumer) error {
 		return errShuttingDown
 	}
 	s.consumers[c.id] = c
-	for _, q := range c.queues {
-		d := s.dispatchers[q]
-		if d == nil {
-			d = &dispatcher{s: s, queue: q, kick: make(chan struct{}, 1), wake: make(chan struct{}, 1)}
-			s.dispatchers[q] = d
-			go d.run()
-		}
-		d.consumers = append(d.consumers, c)
-		d.poke()
+	// Under s.mu, so that a change of shards (reshard) either comes after
+	// and sees c, or came before and is in what this reads.
+	c.setQueues(s.physicalQueues(c.logical, c.id))
+	for _, q := range c.queues() {
+		s.attachLocked(c, q)
 	}
 	return nil
+}
+
+// attachLocked attaches c to the dispatcher of queue q, starting it if
+// need be.
+func (s *Server) attachLocked(c *consumer, q string) {
+	d := s.dispatchers[q]
+	if d == nil {
+		d = &dispatcher{s: s, queue: q, kick: make(chan struct{}, 1), wake: make(chan struct{}, 1)}
+		s.dispatchers[q] = d
+		go d.run()
+	}
+	d.consumers = append(d.consumers, c)
+	d.poke()
+}
+
+// detachLocked detaches c from the dispatcher of queue q.
+func (s *Server) detachLocked(c *consumer, q string) {
+	d := s.dispatchers[q]
+	if d == nil {
+		return
+	}
+	for i, x := range d.consumers {
+		if x == c {
+			d.consumers = append(d.consumers[:i], d.consumers[i+1:]...)
+			break
+		}
+	}
+	d.poke()
+}
+
+// reshard follows a change of queue's shards: the open streams on it take
+// from its new shards too (or, if the queue was deleted and its shards
+// forgotten, from shard 0 alone).
+func (s *Server) reshard(queue string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.consumers {
+		if !slices.Contains(c.logical, queue) || c.isClosed() {
+			continue
+		}
+		if s.isDraining() {
+			continue
+		}
+		old := c.queues()
+		phys, fair := s.physicalQueues(c.logical, c.id)
+		for _, q := range old {
+			if !slices.Contains(phys, q) {
+				s.detachLocked(c, q)
+			}
+		}
+		c.setQueues(phys, fair)
+		for _, q := range phys {
+			if !slices.Contains(old, q) {
+				s.attachLocked(c, q)
+			}
+		}
+	}
 }
 
 // detach unregisters c; a dispatcher exits when its last stream is gone.
@@ -278,18 +367,8 @@ func (s *Server) undispatch(c *consumer) {
 }
 
 func (s *Server) undispatchLocked(c *consumer) {
-	for _, q := range c.queues {
-		d := s.dispatchers[q]
-		if d == nil {
-			continue
-		}
-		for i, x := range d.consumers {
-			if x == c {
-				d.consumers = append(d.consumers[:i], d.consumers[i+1:]...)
-				break
-			}
-		}
-		d.poke()
+	for _, q := range c.queues() {
+		s.detachLocked(c, q)
 	}
 }
 
@@ -413,7 +492,7 @@ func (d *dispatcher) failAll(err error) {
 func (d *dispatcher) serve(ctx context.Context, cs []*consumer) (got, paused bool, err error) {
 	var single, multi []*consumer
 	for _, c := range cs {
-		if len(c.queues) == 1 {
+		if len(c.queues()) == 1 || c.fair.Load() {
 			single = append(single, c)
 		} else {
 			multi = append(multi, c)
@@ -446,18 +525,23 @@ func (d *dispatcher) serve(ctx context.Context, cs []*consumer) (got, paused boo
 // consume only it, with one take per stream in one round trip. remaining
 // is what the last take left in the queue.
 func (d *dispatcher) fillMany(ctx context.Context, cs []*consumer) (got bool, remaining int64, paused bool, err error) {
-	for _, c := range cs {
+	// A sharded queue's stream is filled by the dispatcher of each shard:
+	// take the fill locks in one order (by stream id) everywhere, so that
+	// two dispatchers never wait for each other.
+	locked := slices.Clone(cs)
+	slices.SortFunc(locked, func(a, b *consumer) int { return cmp.Compare(a.id, b.id) })
+	for _, c := range locked {
 		c.fill.Lock()
 	}
 	defer func() {
-		for _, c := range cs {
+		for _, c := range locked {
 			c.fill.Unlock()
 		}
 	}()
 	takes := make([]*broker.Take, 0, len(cs))
 	owners := make([]*consumer, 0, len(cs))
 	for _, c := range cs {
-		if n := c.credit(); n > 0 {
+		if n := c.share(); n > 0 {
 			takes = append(takes, &broker.Take{N: n, Lease: c.lease, AutoAck: c.autoAck})
 			owners = append(owners, c)
 		}
@@ -501,7 +585,7 @@ func (d *dispatcher) fillFor(ctx context.Context, c *consumer) (got bool, remain
 	c.fill.Lock()
 	defer c.fill.Unlock()
 	remaining = -1
-	for _, q := range c.queues {
+	for _, q := range c.queues() {
 		n := c.credit()
 		if n <= 0 {
 			return got, remaining, false, nil
@@ -595,7 +679,7 @@ func (s *Server) Consume(req *qbridgev1.ConsumeRequest, stream qbridgev1.QueueSe
 	c := &consumer{
 		left:    left,
 		id:      s.nextID.Add(1),
-		queues:  queues,
+		logical: queues,
 		window:  window,
 		lease:   lease,
 		autoAck: req.GetAutoAck(),
@@ -647,7 +731,7 @@ func (s *Server) pump(stream qbridgev1.QueueService_ConsumeServer, c *consumer) 
 	armed := false
 	draining := s.draining
 	kick := func() {
-		for _, q := range c.queues {
+		for _, q := range c.queues() {
 			s.kickQueue(q)
 		}
 	}
@@ -755,14 +839,16 @@ func (s *Server) deliveries(c *consumer, ls []broker.Lease) []*qbridgev1.Deliver
 	now := time.Now()
 	for i, l := range ls {
 		m := l.Message
-		s.opts.observer.Delivered(l.Queue, m.Deliveries, now.Sub(time.UnixMilli(m.EnqueuedAt)))
+		shard, _ := broker.ShardIndex(l.Queue)
+		s.opts.observer.Delivered(broker.Logical(l.Queue), m.Deliveries, now.Sub(time.UnixMilli(m.EnqueuedAt)))
 		d := &qbridgev1.Delivery{
 			Id:          m.ID,
 			Payload:     m.Payload,
 			Headers:     m.Headers,
 			EnqueueTime: timestamppb.New(time.UnixMilli(m.EnqueuedAt)),
 			Attempt:     m.Deliveries,
-			Queue:       l.Queue,
+			Queue:       broker.Logical(l.Queue),
+			Shard:       uint32(shard),
 			LastError:   m.LastError,
 			TaskType:    m.TaskType,
 		}
@@ -838,7 +924,7 @@ func (s *Server) forgetLocked(consumerID uint64, queue, leaseID string) {
 	c.forget(queue, leaseID)
 	// The freed credit may be for any of the stream's queues: wake the
 	// dispatcher of each (a priority stream's lower queues wait on theirs).
-	for _, q := range c.queues {
+	for _, q := range c.queues() {
 		if d := s.dispatchers[q]; d != nil {
 			d.poke()
 		}
@@ -966,7 +1052,7 @@ func (s *Server) refillable(queue string, ts []ackToken) *consumer {
 	s.mu.Lock()
 	c := s.consumers[id]
 	s.mu.Unlock()
-	if c == nil || c.autoAck || len(c.queues) != 1 || c.queues[0] != queue {
+	if c == nil || c.autoAck || len(c.queues()) != 1 || c.queues()[0] != queue {
 		return nil
 	}
 	c.mu.Lock()

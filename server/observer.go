@@ -7,6 +7,7 @@ import (
 	"time"
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
+	"github.com/qbridge/qbridge/server/broker"
 )
 
 // Observer is told of what one instance does, for metrics (package
@@ -44,11 +45,16 @@ func (noObserver) PubSubDropped(int)                       {}
 // were more. It bypasses authorization: it is for this process's own
 // metrics and dashboard history, not for callers.
 func (s *Server) Snapshot(ctx context.Context, max int) (stats []*qbridgev1.GetQueueStatsResponse, truncated bool, err error) {
-	qs, err := s.b.RegisteredQueues(ctx)
+	phys, err := s.b.RegisteredQueues(ctx)
 	if err != nil {
 		return nil, false, fmt.Errorf("list queues: %w", err)
 	}
+	qs := make([]string, 0, len(phys))
+	for _, q := range phys {
+		qs = append(qs, broker.Logical(q)) // a sharded queue's stats cover its shards
+	}
 	slices.Sort(qs)
+	qs = slices.Compact(qs)
 	if max > 0 && len(qs) > max {
 		qs, truncated = qs[:max], true
 	}

@@ -97,7 +97,7 @@ func (s *Server) GetResult(ctx context.Context, req *qbridgev1.GetResultRequest)
 	if err != nil {
 		return nil, toStatus(invalidError{err})
 	}
-	r, err := s.b.GetResult(ctx, q, id)
+	r, err := s.getResult(ctx, q, id)
 	if err == nil {
 		return resultResponse(r), nil
 	}
@@ -132,7 +132,7 @@ func (s *Server) GetResult(ctx context.Context, req *qbridgev1.GetResultRequest)
 		return nil, waitEnded(ctx, notYet)
 	}
 	for {
-		r, err := s.b.GetResult(ctx, q, id)
+		r, err := s.getResult(ctx, q, id)
 		if err == nil {
 			return resultResponse(r), nil
 		}
@@ -178,7 +178,7 @@ func (s *Server) GetMessage(ctx context.Context, req *qbridgev1.GetMessageReques
 	if err := validateQueueAndID(q, id); err != nil {
 		return nil, toStatus(err)
 	}
-	loc, err := s.b.FindMessage(ctx, q, id)
+	loc, err := s.findMessage(ctx, q, id)
 	if errors.Is(err, broker.ErrNoResult) {
 		return nil, status.Error(codes.NotFound, fmt.Sprintf("message %q is not in queue %q: never enqueued there, or finished without keeping its result, or its result expired", id, q))
 	}
@@ -211,4 +211,27 @@ func (s *Server) GetMessage(ctx context.Context, req *qbridgev1.GetMessageReques
 		}
 	}
 	return resp, nil
+}
+
+// getResult looks up message id's result in each shard of queue (the only
+// one, for an unsharded queue).
+func (s *Server) getResult(ctx context.Context, queue, id string) (*broker.Result, error) {
+	for _, q := range s.shardsOf(queue) {
+		r, err := s.b.GetResult(ctx, q, id)
+		if !errors.Is(err, broker.ErrNoResult) {
+			return r, err
+		}
+	}
+	return nil, broker.ErrNoResult
+}
+
+// findMessage looks message id up in each shard of queue.
+func (s *Server) findMessage(ctx context.Context, queue, id string) (*broker.Located, error) {
+	for _, q := range s.shardsOf(queue) {
+		loc, err := s.b.FindMessage(ctx, q, id)
+		if !errors.Is(err, broker.ErrNoResult) {
+			return loc, err
+		}
+	}
+	return nil, broker.ErrNoResult
 }

@@ -46,6 +46,7 @@ type Server struct {
 	// answers); see SetRedisDown.
 	redisDown atomic.Pointer[error]
 	known     sync.Map // queues registered in Redis by this process
+	shards    shardTable
 	waiters   resultWaiters
 
 	draining    chan struct{} // closed: refuse new work, stop claiming
@@ -189,7 +190,13 @@ func (s *Server) Start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	s.bgCancel = cancel
 	s.hub.open(ctx) // before returning, so a Subscribe right after Start works
-	s.bg.Add(5)
+	lctx, lcancel := context.WithTimeout(ctx, 2*time.Second)
+	if err := s.loadShards(lctx); err != nil {
+		s.log.Warn("cannot load the shard table; sharded queues use shard 0 alone until it loads", "err", err)
+	}
+	lcancel()
+	s.bg.Add(6)
+	go func() { defer s.bg.Done(); s.shardLoop(ctx) }()
 	go func() { defer s.bg.Done(); s.idleQueues.poll(ctx) }()
 	go func() { defer s.bg.Done(); s.reapLoop(ctx) }()
 	go func() { defer s.bg.Done(); s.hub.run(ctx) }()
@@ -285,6 +292,7 @@ func (s *Server) Enqueue(ctx context.Context, req *qbridgev1.EnqueueRequest) (*q
 		Payload: req.GetPayload(), Headers: req.GetHeaders(), Id: req.GetId(),
 		Delay: req.GetDelay(), DeliverAt: req.GetDeliverAt(), DedupKey: req.GetDedupKey(),
 		Ttl: req.GetTtl(), RetryPolicy: req.GetRetryPolicy(), TaskType: req.GetTaskType(), KeepResult: req.GetKeepResult(),
+		OrderingKey: req.GetOrderingKey(),
 	}})
 	if err != nil {
 		return nil, toStatus(err)
@@ -320,6 +328,7 @@ func (s *Server) enqueue(ctx context.Context, queue string, waitForRoom bool, ms
 	}
 	raw := s.b.IsRaw(queue)
 	out := make([]broker.NewMessage, len(msgs))
+	var orderingKeys []string
 	for i, m := range msgs {
 		where := ""
 		if len(msgs) > 1 {
@@ -330,7 +339,30 @@ func (s *Server) enqueue(ctx context.Context, queue string, waitForRoom bool, ms
 			return res, invalidf("%s%v", where, err)
 		}
 		out[i] = nm
+		if k := m.GetOrderingKey(); k != "" {
+			if err := validateID(k); err != nil {
+				return res, invalidf("%sordering_key: %v", where, strings.Replace(err.Error(), "message id", "key", 1))
+			}
+			if orderingKeys == nil {
+				orderingKeys = make([]string, len(msgs))
+			}
+			orderingKeys[i] = k
+		}
 	}
+	shards := s.shardsOf(queue)
+	if len(shards) == 1 {
+		return s.enqueueTo(ctx, queue, waitForRoom, out)
+	}
+	if orderingKeys == nil {
+		orderingKeys = make([]string, len(msgs))
+	}
+	return s.enqueueSharded(ctx, shards, waitForRoom, orderingKeys, out)
+}
+
+// enqueueTo enqueues msgs on one physical queue (a queue, or one shard of
+// a sharded queue), waiting for room if asked to.
+func (s *Server) enqueueTo(ctx context.Context, queue string, waitForRoom bool, out []broker.NewMessage) (broker.EnqueueResult, error) {
+	var res broker.EnqueueResult
 	s.registerQueue(ctx, queue)
 	backoff := 5 * time.Millisecond
 	for {
@@ -517,36 +549,72 @@ func (s *Server) Publish(ctx context.Context, req *qbridgev1.PublishRequest) (*q
 
 // GetQueueStats implements QueueService.GetQueueStats.
 func (s *Server) GetQueueStats(ctx context.Context, req *qbridgev1.GetQueueStatsRequest) (*qbridgev1.GetQueueStatsResponse, error) {
-	if err := ValidateName("queue", req.GetQueue()); err != nil {
+	queue := req.GetQueue()
+	if err := ValidateName("queue", queue); err != nil {
 		return nil, toStatus(invalidError{err})
 	}
-	st, err := s.b.Stats(ctx, req.GetQueue())
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	c := st.Counters
-	resp := &qbridgev1.GetQueueStatsResponse{
-		Queue: req.GetQueue(), Ready: st.Ready, InFlight: st.InFlight, Delayed: st.Delayed, Dead: st.Dead, Paused: st.Paused, Consumers: st.Consumers,
-		Counters: &qbridgev1.QueueCounters{
-			Enqueued: c.Enqueued, Acked: c.Acked, Nacked: c.Nacked,
-			LeaseExpired: c.LeaseExpired, DeadLettered: c.DeadLettered, Expired: c.Expired,
-		},
-	}
-	if !st.OldestEnqueuedAt.IsZero() {
-		resp.OldestReadyAge = durationpb.New(max(0, time.Since(st.OldestEnqueuedAt)))
-	}
-	resp.EnqueueRate, resp.AckRate = s.rates.rates(req.GetQueue(), c)
-	types, err := s.b.TypeCounters(ctx, req.GetQueue(), maxStatsTaskTypes)
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	if len(types) > 0 {
-		resp.TaskTypes = make(map[string]*qbridgev1.QueueCounters, len(types))
-		for t, c := range types {
-			resp.TaskTypes[t] = &qbridgev1.QueueCounters{Enqueued: c.Enqueued, Acked: c.Acked, Nacked: c.Nacked, DeadLettered: c.DeadLettered}
+	shards := s.shardsOf(queue)
+	resp := &qbridgev1.GetQueueStatsResponse{Queue: queue, Counters: &qbridgev1.QueueCounters{}}
+	var oldest time.Time
+	types := map[string]*qbridgev1.QueueCounters{}
+	for i, q := range shards {
+		st, err := s.b.Stats(ctx, q)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		c := st.Counters
+		resp.Ready += st.Ready
+		resp.InFlight += st.InFlight
+		resp.Delayed += st.Delayed
+		resp.Dead += st.Dead
+		// Every stream on a sharded queue takes from each shard, and is
+		// counted on each.
+		resp.Consumers = max(resp.Consumers, st.Consumers)
+		if i == 0 {
+			resp.Paused = st.Paused // pause and resume apply to every shard
+		}
+		addCounters(resp.Counters, c)
+		if t := st.OldestEnqueuedAt; !t.IsZero() && (oldest.IsZero() || t.Before(oldest)) {
+			oldest = t
+		}
+		enq, ack := s.rates.rates(q, c)
+		resp.EnqueueRate += enq
+		resp.AckRate += ack
+		tc, err := s.b.TypeCounters(ctx, q, maxStatsTaskTypes)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		for t, c := range tc {
+			if types[t] == nil {
+				if len(types) >= maxStatsTaskTypes {
+					continue
+				}
+				types[t] = &qbridgev1.QueueCounters{}
+			}
+			addCounters(types[t], broker.Counters{Enqueued: c.Enqueued, Acked: c.Acked, Nacked: c.Nacked, DeadLettered: c.DeadLettered})
+		}
+		if len(shards) > 1 {
+			resp.Shards = append(resp.Shards, &qbridgev1.ShardStats{
+				Shard: uint32(i), List: q, Ready: st.Ready, InFlight: st.InFlight, Delayed: st.Delayed, Dead: st.Dead,
+			})
 		}
 	}
+	if !oldest.IsZero() {
+		resp.OldestReadyAge = durationpb.New(max(0, time.Since(oldest)))
+	}
+	if len(types) > 0 {
+		resp.TaskTypes = types
+	}
 	return resp, nil
+}
+
+func addCounters(to *qbridgev1.QueueCounters, c broker.Counters) {
+	to.Enqueued += c.Enqueued
+	to.Acked += c.Acked
+	to.Nacked += c.Nacked
+	to.LeaseExpired += c.LeaseExpired
+	to.DeadLettered += c.DeadLettered
+	to.Expired += c.Expired
 }
 
 // reapLoop requeues messages whose lease expired, for every queue that has

@@ -43,7 +43,10 @@ func toStatus(err error) error {
 	var full *broker.QueueFullError
 	var busy *broker.InFlightError
 	var nf notFoundError
+	var shrink *broker.ShrinkError
 	switch {
+	case errors.As(err, &shrink):
+		return status.Error(codes.FailedPrecondition, err.Error()+"; to have fewer shards, move the messages to a new queue")
 	case errors.As(err, &inv):
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.As(err, &nf):

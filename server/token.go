@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+
+	"github.com/qbridge/qbridge/server/broker"
 )
 
 // An ack token names one delivery: the queue, the lease id the claim script
@@ -62,8 +64,11 @@ func parseAckToken(s string) (ackToken, error) {
 		return t, fmt.Errorf("%w %.40q: truncated or trailing bytes", errBadToken, s)
 	}
 	t = ackToken{Queue: fields[0], LeaseID: fields[1], Instance: fields[2], Consumer: c}
-	if err := ValidateName("queue", t.Queue); err != nil {
+	if err := ValidateName("queue", broker.Logical(t.Queue)); err != nil {
 		return t, fmt.Errorf("%w %.40q: %v", errBadToken, s, err)
+	}
+	if _, ok := broker.ShardIndex(t.Queue); !ok {
+		return t, fmt.Errorf("%w %.40q: bad shard", errBadToken, s)
 	}
 	if t.LeaseID == "" || strings.Trim(t.LeaseID, "0123456789") != "" {
 		return t, fmt.Errorf("%w %.40q: bad lease id", errBadToken, s)
@@ -72,11 +77,12 @@ func parseAckToken(s string) (ackToken, error) {
 }
 
 // AckTokenQueue returns the queue an ack token (Delivery.ack_token) belongs
-// to, for authorization in front of Ack, Nack and ExtendLease.
+// to (for a sharded queue, the queue, not the shard), for authorization in
+// front of Ack, Nack and ExtendLease.
 func AckTokenQueue(token string) (string, error) {
 	t, err := parseAckToken(token)
 	if err != nil {
 		return "", err
 	}
-	return t.Queue, nil
+	return broker.Logical(t.Queue), nil
 }

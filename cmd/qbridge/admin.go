@@ -347,6 +347,7 @@ the queue does not set.`,
 		maxLength              uint64
 		expired                string
 		dedupWindow            time.Duration
+		shards                 uint32
 	)
 	set := &cobra.Command{
 		Use:   "set QUEUE [flags]",
@@ -355,14 +356,16 @@ the queue does not set.`,
 flags give, and prints the policy now in force. A setting not given falls
 back to the server's default: it is not kept from the queue's previous
 policy (the server cannot tell a queue's own settings from the defaults
-filled in by 'config get'), so give every setting the queue should have.`,
+filled in by 'config get'), so give every setting the queue should have.
+The one exception is --shards: not given, the queue keeps its shards.`,
 		Example: `  qbridge config set jobs --max-attempts 5 --min-backoff 2s --max-backoff 5m
   qbridge config set bounded --max-length 1000
-  qbridge config set orders --expired-action dead-letter --dedup-window 1h`,
+  qbridge config set orders --expired-action dead-letter --dedup-window 1h
+  qbridge config set hot --shards 6`,
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: a.completeQueue,
 		RunE: func(_ *cobra.Command, args []string) error {
-			cfg := &qbridgev1.QueueConfig{MaxLength: maxLength}
+			cfg := &qbridgev1.QueueConfig{MaxLength: maxLength, Shards: shards}
 			if maxAttempts > 0 || minBackoff > 0 || maxBackoff > 0 {
 				cfg.RetryPolicy = &qbridgev1.RetryPolicy{MaxAttempts: maxAttempts}
 				if minBackoff > 0 {
@@ -404,6 +407,7 @@ filled in by 'config get'), so give every setting the queue should have.`,
 	f.Uint64Var(&maxLength, "max-length", 0, "most ready + delayed messages; enqueues beyond fail (0: unbounded)")
 	f.StringVar(&expired, "expired-action", "", "what happens to messages whose ttl passed: drop or dead-letter")
 	f.DurationVar(&dedupWindow, "dedup-window", 0, "how long a dedup key is remembered (1s to 7 days)")
+	f.Uint32Var(&shards, "shards", 0, "spread the queue over this many shards (on Redis Cluster, over its masters); shards are never removed (0: keep the current count)")
 	_ = set.RegisterFlagCompletionFunc("expired-action", cobra.FixedCompletions([]string{"drop", "dead-letter"}, cobra.ShellCompDirectiveNoFileComp))
 	cmd.AddCommand(get, set)
 	return cmd

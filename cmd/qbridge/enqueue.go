@@ -30,6 +30,7 @@ type enqueueOpts struct {
 	at          string
 	dedupKey    string
 	taskType    string
+	orderingKey string
 	ttl         time.Duration
 	keepResult  bool
 	waitForRoom bool
@@ -82,6 +83,7 @@ message (PAYLOAD or --whole).`,
 	f.StringVar(&o.at, "at", "", "deliver no earlier than this `time` (RFC 3339, e.g. 2030-01-02T03:00:00Z)")
 	f.StringVar(&o.dedupKey, "dedup-key", "", "idempotency key: a repeat within the queue's dedup window enqueues nothing; single message only")
 	f.StringVar(&o.taskType, "task-type", "", "task type workers dispatch on")
+	f.StringVar(&o.orderingKey, "ordering-key", "", "on a sharded queue, messages with the same key go to one shard and keep their order")
 	f.DurationVar(&o.ttl, "ttl", 0, "drop (or dead-letter) the message if it is not delivered within this time")
 	f.BoolVar(&o.keepResult, "keep-result", false, "keep the message's outcome for `qbridge result`")
 	f.BoolVar(&o.waitForRoom, "wait-for-room", false, "when the queue is bounded and full, wait for room (up to --timeout) instead of failing")
@@ -94,7 +96,7 @@ message (PAYLOAD or --whole).`,
 // message returns the message template the flags describe (without
 // payload).
 func (o *enqueueOpts) message() (client.Message, error) {
-	m := client.Message{ID: o.id, Delay: o.delay, DedupKey: o.dedupKey, TTL: o.ttl, TaskType: o.taskType, KeepResult: o.keepResult}
+	m := client.Message{ID: o.id, Delay: o.delay, DedupKey: o.dedupKey, TTL: o.ttl, TaskType: o.taskType, KeepResult: o.keepResult, OrderingKey: o.orderingKey}
 	if o.delay < 0 {
 		return m, usageErrorf("--delay %v: must not be negative", o.delay)
 	}
@@ -150,6 +152,9 @@ func enqueueOptions(m client.Message, waitForRoom bool) []client.EnqueueOption {
 	}
 	if m.KeepResult {
 		opts = append(opts, client.WithKeepResult())
+	}
+	if m.OrderingKey != "" {
+		opts = append(opts, client.WithOrderingKey(m.OrderingKey))
 	}
 	if waitForRoom {
 		opts = append(opts, client.WithWaitForRoom())

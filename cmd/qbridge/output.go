@@ -257,6 +257,7 @@ type jsonDelivery struct {
 	EnqueueTime   string            `json:"enqueue_time,omitempty"`
 	LeaseDeadline string            `json:"lease_deadline,omitempty"`
 	LastError     string            `json:"last_error,omitempty"`
+	Shard         int               `json:"shard,omitempty"`
 }
 
 // printDelivery prints a consumed message. Text: "ID<TAB>PAYLOAD", with
@@ -266,7 +267,7 @@ func (p *printer) printDelivery(d *client.Delivery, withQueue bool) error {
 		return p.jsonLine(jsonDelivery{
 			Queue: d.Queue, ID: d.ID, jsonPayload: newJSONPayload(d.Payload), Headers: d.Headers,
 			TaskType: d.TaskType, Attempt: d.Attempt, EnqueueTime: jsonTime(d.EnqueueTime),
-			LeaseDeadline: jsonTime(d.LeaseDeadline), LastError: d.LastError,
+			LeaseDeadline: jsonTime(d.LeaseDeadline), LastError: d.LastError, Shard: d.Shard,
 		})
 	}
 	if withQueue {
@@ -343,6 +344,16 @@ type jsonStats struct {
 	Consumers             int64                   `json:"consumers"`
 	Counters              jsonCounters            `json:"counters"`
 	TaskTypes             map[string]jsonCounters `json:"task_types,omitempty"`
+	Shards                []jsonShard             `json:"shards,omitempty"`
+}
+
+type jsonShard struct {
+	Shard    uint32 `json:"shard"`
+	List     string `json:"list"`
+	Ready    int64  `json:"ready"`
+	InFlight int64  `json:"in_flight"`
+	Delayed  int64  `json:"delayed"`
+	Dead     int64  `json:"dead"`
 }
 
 func newJSONStats(s *qbridgev1.GetQueueStatsResponse) jsonStats {
@@ -352,6 +363,10 @@ func newJSONStats(s *qbridgev1.GetQueueStatsResponse) jsonStats {
 		EnqueueRate:           s.GetEnqueueRate(), AckRate: s.GetAckRate(), Paused: s.GetPaused(),
 		Consumers: s.GetConsumers(),
 		Counters:  newJSONCounters(s.GetCounters()),
+	}
+	for _, sh := range s.GetShards() {
+		js.Shards = append(js.Shards, jsonShard{Shard: sh.GetShard(), List: sh.GetList(),
+			Ready: sh.GetReady(), InFlight: sh.GetInFlight(), Delayed: sh.GetDelayed(), Dead: sh.GetDead()})
 	}
 	for t, c := range s.GetTaskTypes() {
 		if js.TaskTypes == nil {
@@ -379,6 +394,10 @@ func statsText(s jsonStats) string {
 	)
 	for _, t := range slices.Sorted(maps.Keys(s.TaskTypes)) {
 		out += kv([2]string{"task type " + t, s.TaskTypes[t].text()})
+	}
+	for _, sh := range s.Shards {
+		out += kv([2]string{fmt.Sprintf("shard %d", sh.Shard), fmt.Sprintf("ready %d, in flight %d, delayed %d, dead %d (list %s)",
+			sh.Ready, sh.InFlight, sh.Delayed, sh.Dead, sh.List)})
 	}
 	return out
 }
@@ -555,6 +574,7 @@ type jsonConfig struct {
 	MaxLength     uint64 `json:"max_length"`
 	ExpiredAction string `json:"expired_action"`
 	DedupWindow   string `json:"dedup_window"`
+	Shards        uint32 `json:"shards"`
 }
 
 func (p *printer) printConfig(queue string, c *qbridgev1.QueueConfig) error {
@@ -564,6 +584,7 @@ func (p *printer) printConfig(queue string, c *qbridgev1.QueueConfig) error {
 		MinBackoff: rp.GetMinBackoff().AsDuration().String(), MaxBackoff: rp.GetMaxBackoff().AsDuration().String(),
 		MaxLength: c.GetMaxLength(), ExpiredAction: expiredActionName(c.GetExpiredAction()),
 		DedupWindow: c.GetDedupWindow().AsDuration().String(),
+		Shards:      c.GetShards(),
 	}
 	return p.emit(v, func() string {
 		maxLen := strconv.FormatUint(v.MaxLength, 10)
@@ -578,6 +599,7 @@ func (p *printer) printConfig(queue string, c *qbridgev1.QueueConfig) error {
 			[2]string{"max length", maxLen},
 			[2]string{"expired action", v.ExpiredAction},
 			[2]string{"dedup window", v.DedupWindow},
+			[2]string{"shards", strconv.FormatUint(uint64(v.Shards), 10)},
 		)
 	})
 }

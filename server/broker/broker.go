@@ -109,8 +109,8 @@ func New(rdb redis.UniversalClient, opts ...Option) *Broker {
 // Keys returns the key layout in use.
 func (b *Broker) Keys() Keys { return b.keys }
 
-// IsRaw reports whether queue is in raw mode.
-func (b *Broker) IsRaw(queue string) bool { return b.isRaw(queue) }
+// IsRaw reports whether queue (or the queue of shard queue) is in raw mode.
+func (b *Broker) IsRaw(queue string) bool { return b.isRaw(Logical(queue)) }
 
 // Defaults returns the server-wide default policy.
 func (b *Broker) Defaults() Policy { return b.defaults }
@@ -149,13 +149,13 @@ func (b *Broker) argv(queue string, args []any) []any {
 		expired = "dead"
 	}
 	raw := "0"
-	if b.isRaw(queue) {
+	if b.IsRaw(queue) {
 		raw = "1"
 	}
 	argv := make([]any, 0, 10+len(args))
 	argv = append(argv, raw, d.MaxAttempts, d.BackoffMin.Milliseconds(), d.BackoffMax.Milliseconds(),
 		expired, rand.Int32N(1<<30)+1, d.DedupWindow.Milliseconds(), d.MaxLength,
-		b.resultRetention.Milliseconds(), b.keys.ResultsChannel(queue))
+		b.resultRetention.Milliseconds(), b.keys.ResultsChannel(Logical(queue)))
 	return append(argv, args...)
 }
 
@@ -197,6 +197,10 @@ type QueueFullError struct {
 }
 
 func (e *QueueFullError) Error() string {
+	if q := Logical(e.Queue); q != e.Queue {
+		i, _ := ShardIndex(e.Queue)
+		return fmt.Sprintf("shard %d of queue %q is full: it holds %d of at most %d messages (ready and delayed; max_length bounds each shard)", i, q, e.Held, e.Max)
+	}
 	return fmt.Sprintf("queue %q is full: it holds %d of at most %d messages (ready and delayed)", e.Queue, e.Held, e.Max)
 }
 

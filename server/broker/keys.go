@@ -28,6 +28,7 @@
 //	                             refreshed by each consuming instance (presence, not data)
 //	P qbridge:queues      set    queues qbridge has seen (enqueued to or consumed)
 //	P qbridge:due         zset   queue -> earliest due time of its delayed messages
+//	P qbridge:shards      hash   queue -> suffixes of its shards 1..N-1 (see shards.go)
 //
 // The braces are a Redis Cluster hash tag: "{P Q}:..." hashes on "P Q", the
 // same slot as the ready list itself (which has no braces, so it hashes as a
@@ -52,7 +53,10 @@
 // single Lua script, so a qbridge crash at any point cannot lose it.
 package broker
 
-import "fmt"
+import (
+	"fmt"
+	"strings"
+)
 
 // CheckClusterPrefix reports why key prefix p cannot be used on Redis
 // Cluster: a brace in it would make Redis hash a queue's ready list "P Q"
@@ -158,4 +162,33 @@ func (k Keys) StripChannel(c string) string {
 		return c[len(k.prefix):]
 	}
 	return c
+}
+
+// Shards is the table of sharded queues (see shards.go).
+func (k Keys) Shards() string { return k.prefix + "qbridge:shards" }
+
+// SlotCount is the number of Redis Cluster hash slots.
+const SlotCount = 16384
+
+// Slot returns the Redis Cluster hash slot of key: CRC16 (XMODEM) of the
+// key, or of its hash tag (the part between the first '{' and the next '}',
+// when not empty), modulo SlotCount.
+func Slot(key string) int {
+	if i := strings.IndexByte(key, '{'); i >= 0 {
+		if j := strings.IndexByte(key[i+1:], '}'); j > 0 {
+			key = key[i+1 : i+1+j]
+		}
+	}
+	var crc uint16
+	for i := 0; i < len(key); i++ {
+		crc ^= uint16(key[i]) << 8
+		for range 8 {
+			if crc&0x8000 != 0 {
+				crc = crc<<1 ^ 0x1021
+			} else {
+				crc <<= 1
+			}
+		}
+	}
+	return int(crc) % SlotCount
 }

@@ -764,10 +764,21 @@ return {'OK'}
 `)
 
 // allScripts lists every script, for loading them up front.
+// growShardsScript stores queue ARGV[1]'s shard suffixes ARGV[3] in the
+// shard table KEYS[1] if they are still ARGV[2] (compare-and-set: see
+// GrowShards). Returns 1 if stored, 0 if the table changed meanwhile.
+var growShardsScript = redis.NewScript(`
+local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if cur ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+`)
+
 var allScripts = []*redis.Script{
 	heartbeatScript,
 	enqueueScript, claimScript, popScript, settleScript, ackClaimScript, nackScript, extendScript,
 	reapScript, promoteScript, purgeScript, replayScript, deleteDeadScript, deleteQueueScript,
+	growShardsScript,
 }
 
 // heartbeatScript records how many Consume streams one instance has open on a

@@ -345,7 +345,10 @@ type QueuedMessage struct {
 	// Dead: why ("max attempts reached", "nacked as dead letter", "expired").
 	DeadReason string `protobuf:"bytes,12,opt,name=dead_reason,json=deadReason,proto3" json:"dead_reason,omitempty"`
 	// Its task type, if any.
-	TaskType      string `protobuf:"bytes,13,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
+	TaskType string `protobuf:"bytes,13,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
+	// Which shard of a sharded queue holds the message (0 for an unsharded
+	// queue).
+	Shard         uint32 `protobuf:"varint,14,opt,name=shard,proto3" json:"shard,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -469,6 +472,13 @@ func (x *QueuedMessage) GetTaskType() string {
 		return x.TaskType
 	}
 	return ""
+}
+
+func (x *QueuedMessage) GetShard() uint32 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
 }
 
 // PurgeQueueRequest names the queue to purge.
@@ -1048,12 +1058,17 @@ type QueueConfig struct {
 	RetryPolicy *RetryPolicy `protobuf:"bytes,1,opt,name=retry_policy,json=retryPolicy,proto3" json:"retry_policy,omitempty"`
 	// The most messages the queue may hold ready and delayed; Enqueue beyond
 	// it fails with RESOURCE_EXHAUSTED (or waits, see wait_for_room). 0: no
-	// limit.
+	// limit. On a sharded queue it bounds each shard.
 	MaxLength uint64 `protobuf:"varint,2,opt,name=max_length,json=maxLength,proto3" json:"max_length,omitempty"`
 	// What happens to messages whose ttl passed.
 	ExpiredAction ExpiredAction `protobuf:"varint,3,opt,name=expired_action,json=expiredAction,proto3,enum=qbridge.v1.ExpiredAction" json:"expired_action,omitempty"`
 	// How long a dedup_key is remembered (1s to 7 days).
-	DedupWindow   *durationpb.Duration `protobuf:"bytes,4,opt,name=dedup_window,json=dedupWindow,proto3" json:"dedup_window,omitempty"`
+	DedupWindow *durationpb.Duration `protobuf:"bytes,4,opt,name=dedup_window,json=dedupWindow,proto3" json:"dedup_window,omitempty"`
+	// How many shards the queue is spread over (1: not sharded; at most 256).
+	// Each shard is a queue of its own in its own Redis Cluster slot, placed
+	// so the shards spread over the cluster's masters. Shards can be added,
+	// never removed. In UpdateQueueConfig, 0 keeps the current count.
+	Shards        uint32 `protobuf:"varint,5,opt,name=shards,proto3" json:"shards,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1114,6 +1129,13 @@ func (x *QueueConfig) GetDedupWindow() *durationpb.Duration {
 		return x.DedupWindow
 	}
 	return nil
+}
+
+func (x *QueueConfig) GetShards() uint32 {
+	if x != nil {
+		return x.Shards
+	}
+	return 0
 }
 
 // GetQueueConfigRequest names a queue.
@@ -1330,7 +1352,7 @@ const file_qbridge_v1_admin_proto_rawDesc = "" +
 	"page_token\x18\x04 \x01(\tR\tpageToken\"u\n" +
 	"\x14PeekMessagesResponse\x125\n" +
 	"\bmessages\x18\x01 \x03(\v2\x19.qbridge.v1.QueuedMessageR\bmessages\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x9b\x05\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb1\x05\n" +
 	"\rQueuedMessage\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12@\n" +
@@ -1350,7 +1372,8 @@ const file_qbridge_v1_admin_proto_rawDesc = "" +
 	"\tdead_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\bdeadTime\x12\x1f\n" +
 	"\vdead_reason\x18\f \x01(\tR\n" +
 	"deadReason\x12\x1b\n" +
-	"\ttask_type\x18\r \x01(\tR\btaskType\x1a:\n" +
+	"\ttask_type\x18\r \x01(\tR\btaskType\x12\x14\n" +
+	"\x05shard\x18\x0e \x01(\rR\x05shard\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\")\n" +
@@ -1379,13 +1402,14 @@ const file_qbridge_v1_admin_proto_rawDesc = "" +
 	"\x03ids\x18\x02 \x03(\tR\x03ids\x12\x10\n" +
 	"\x03all\x18\x03 \x01(\bR\x03all\"5\n" +
 	"\x19DeleteDeadLettersResponse\x12\x18\n" +
-	"\adeleted\x18\x01 \x01(\x03R\adeleted\"\xe8\x01\n" +
+	"\adeleted\x18\x01 \x01(\x03R\adeleted\"\x80\x02\n" +
 	"\vQueueConfig\x12:\n" +
 	"\fretry_policy\x18\x01 \x01(\v2\x17.qbridge.v1.RetryPolicyR\vretryPolicy\x12\x1d\n" +
 	"\n" +
 	"max_length\x18\x02 \x01(\x04R\tmaxLength\x12@\n" +
 	"\x0eexpired_action\x18\x03 \x01(\x0e2\x19.qbridge.v1.ExpiredActionR\rexpiredAction\x12<\n" +
-	"\fdedup_window\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\vdedupWindow\"-\n" +
+	"\fdedup_window\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\vdedupWindow\x12\x16\n" +
+	"\x06shards\x18\x05 \x01(\rR\x06shards\"-\n" +
 	"\x15GetQueueConfigRequest\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\"I\n" +
 	"\x16GetQueueConfigResponse\x12/\n" +

@@ -250,7 +250,13 @@ type EnqueueRequest struct {
 	TaskType string `protobuf:"bytes,11,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
 	// Keep the message's outcome (result, error, or death) for GetResult,
 	// even when its consumer acks it without a result.
-	KeepResult    bool `protobuf:"varint,12,opt,name=keep_result,json=keepResult,proto3" json:"keep_result,omitempty"`
+	KeepResult bool `protobuf:"varint,12,opt,name=keep_result,json=keepResult,proto3" json:"keep_result,omitempty"`
+	// For a sharded queue (QueueConfig.shards > 1): messages with the same
+	// ordering key go to the same shard, and so are delivered in the order
+	// they were enqueued, like on an unsharded queue. Without one, successive
+	// Enqueue calls go to the shards in turn. Same rules as an id. Ignored by
+	// unsharded queues.
+	OrderingKey   string `protobuf:"bytes,13,opt,name=ordering_key,json=orderingKey,proto3" json:"ordering_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -367,6 +373,13 @@ func (x *EnqueueRequest) GetKeepResult() bool {
 		return x.KeepResult
 	}
 	return false
+}
+
+func (x *EnqueueRequest) GetOrderingKey() string {
+	if x != nil {
+		return x.OrderingKey
+	}
+	return ""
 }
 
 // RetryPolicy says how often a message is delivered before it is
@@ -582,7 +595,9 @@ type BatchMessage struct {
 	// See EnqueueRequest.task_type.
 	TaskType string `protobuf:"bytes,9,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
 	// See EnqueueRequest.keep_result.
-	KeepResult    bool `protobuf:"varint,10,opt,name=keep_result,json=keepResult,proto3" json:"keep_result,omitempty"`
+	KeepResult bool `protobuf:"varint,10,opt,name=keep_result,json=keepResult,proto3" json:"keep_result,omitempty"`
+	// See EnqueueRequest.ordering_key.
+	OrderingKey   string `protobuf:"bytes,11,opt,name=ordering_key,json=orderingKey,proto3" json:"ordering_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -685,6 +700,13 @@ func (x *BatchMessage) GetKeepResult() bool {
 		return x.KeepResult
 	}
 	return false
+}
+
+func (x *BatchMessage) GetOrderingKey() string {
+	if x != nil {
+		return x.OrderingKey
+	}
+	return ""
 }
 
 // EnqueueBatchResponse returns the ids of the enqueued messages.
@@ -918,7 +940,10 @@ type Delivery struct {
 	// The error text of the latest Nack of this message, if any.
 	LastError string `protobuf:"bytes,9,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
 	// The task type given at enqueue time, if any.
-	TaskType      string `protobuf:"bytes,10,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
+	TaskType string `protobuf:"bytes,10,opt,name=task_type,json=taskType,proto3" json:"task_type,omitempty"`
+	// Which shard of a sharded queue the message came from (0 for an
+	// unsharded queue).
+	Shard         uint32 `protobuf:"varint,11,opt,name=shard,proto3" json:"shard,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1021,6 +1046,13 @@ func (x *Delivery) GetTaskType() string {
 		return x.TaskType
 	}
 	return ""
+}
+
+func (x *Delivery) GetShard() uint32 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
 }
 
 // AckRequest settles deliveries.
@@ -1793,7 +1825,11 @@ type GetQueueStatsResponse struct {
 	// Open Consume streams on the queue, over all qbridge instances. Each
 	// instance reports its own about once a second (--reap-interval); an
 	// instance that died drops out within a few seconds.
-	Consumers     int64 `protobuf:"varint,12,opt,name=consumers,proto3" json:"consumers,omitempty"`
+	Consumers int64 `protobuf:"varint,12,opt,name=consumers,proto3" json:"consumers,omitempty"`
+	// For a sharded queue, each shard's share of the figures above (ready,
+	// in_flight, delayed and dead are the sums over these). Empty for an
+	// unsharded queue.
+	Shards        []*ShardStats `protobuf:"bytes,13,rep,name=shards,proto3" json:"shards,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1912,6 +1948,102 @@ func (x *GetQueueStatsResponse) GetConsumers() int64 {
 	return 0
 }
 
+func (x *GetQueueStatsResponse) GetShards() []*ShardStats {
+	if x != nil {
+		return x.Shards
+	}
+	return nil
+}
+
+// ShardStats describes one shard of a sharded queue.
+type ShardStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The shard's number, 0 to QueueConfig.shards - 1.
+	Shard uint32 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	// The shard's ready list: the Redis key (without the server's key prefix)
+	// a plain Redis client would use. Shard 0's is the queue's own name.
+	List string `protobuf:"bytes,2,opt,name=list,proto3" json:"list,omitempty"`
+	// As in GetQueueStatsResponse.
+	Ready         int64 `protobuf:"varint,3,opt,name=ready,proto3" json:"ready,omitempty"`
+	InFlight      int64 `protobuf:"varint,4,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	Delayed       int64 `protobuf:"varint,5,opt,name=delayed,proto3" json:"delayed,omitempty"`
+	Dead          int64 `protobuf:"varint,6,opt,name=dead,proto3" json:"dead,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShardStats) Reset() {
+	*x = ShardStats{}
+	mi := &file_qbridge_v1_queue_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShardStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShardStats) ProtoMessage() {}
+
+func (x *ShardStats) ProtoReflect() protoreflect.Message {
+	mi := &file_qbridge_v1_queue_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShardStats.ProtoReflect.Descriptor instead.
+func (*ShardStats) Descriptor() ([]byte, []int) {
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ShardStats) GetShard() uint32 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *ShardStats) GetList() string {
+	if x != nil {
+		return x.List
+	}
+	return ""
+}
+
+func (x *ShardStats) GetReady() int64 {
+	if x != nil {
+		return x.Ready
+	}
+	return 0
+}
+
+func (x *ShardStats) GetInFlight() int64 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *ShardStats) GetDelayed() int64 {
+	if x != nil {
+		return x.Delayed
+	}
+	return 0
+}
+
+func (x *ShardStats) GetDead() int64 {
+	if x != nil {
+		return x.Dead
+	}
+	return 0
+}
+
 // QueueCounters are a queue's event totals.
 type QueueCounters struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1933,7 +2065,7 @@ type QueueCounters struct {
 
 func (x *QueueCounters) Reset() {
 	*x = QueueCounters{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[23]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1945,7 +2077,7 @@ func (x *QueueCounters) String() string {
 func (*QueueCounters) ProtoMessage() {}
 
 func (x *QueueCounters) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[23]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1958,7 +2090,7 @@ func (x *QueueCounters) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueueCounters.ProtoReflect.Descriptor instead.
 func (*QueueCounters) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{23}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *QueueCounters) GetEnqueued() int64 {
@@ -2019,7 +2151,7 @@ type GetResultRequest struct {
 
 func (x *GetResultRequest) Reset() {
 	*x = GetResultRequest{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[24]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2031,7 +2163,7 @@ func (x *GetResultRequest) String() string {
 func (*GetResultRequest) ProtoMessage() {}
 
 func (x *GetResultRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[24]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2044,7 +2176,7 @@ func (x *GetResultRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResultRequest.ProtoReflect.Descriptor instead.
 func (*GetResultRequest) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{24}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetResultRequest) GetQueue() string {
@@ -2089,7 +2221,7 @@ type GetResultResponse struct {
 
 func (x *GetResultResponse) Reset() {
 	*x = GetResultResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[25]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2101,7 +2233,7 @@ func (x *GetResultResponse) String() string {
 func (*GetResultResponse) ProtoMessage() {}
 
 func (x *GetResultResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[25]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2114,7 +2246,7 @@ func (x *GetResultResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResultResponse.ProtoReflect.Descriptor instead.
 func (*GetResultResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{25}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetResultResponse) GetId() string {
@@ -2172,7 +2304,7 @@ type GetMessageRequest struct {
 
 func (x *GetMessageRequest) Reset() {
 	*x = GetMessageRequest{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[26]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2184,7 +2316,7 @@ func (x *GetMessageRequest) String() string {
 func (*GetMessageRequest) ProtoMessage() {}
 
 func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[26]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2197,7 +2329,7 @@ func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMessageRequest.ProtoReflect.Descriptor instead.
 func (*GetMessageRequest) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{26}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetMessageRequest) GetQueue() string {
@@ -2234,7 +2366,7 @@ type GetMessageResponse struct {
 
 func (x *GetMessageResponse) Reset() {
 	*x = GetMessageResponse{}
-	mi := &file_qbridge_v1_queue_proto_msgTypes[27]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2246,7 +2378,7 @@ func (x *GetMessageResponse) String() string {
 func (*GetMessageResponse) ProtoMessage() {}
 
 func (x *GetMessageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qbridge_v1_queue_proto_msgTypes[27]
+	mi := &file_qbridge_v1_queue_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2259,7 +2391,7 @@ func (x *GetMessageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMessageResponse.ProtoReflect.Descriptor instead.
 func (*GetMessageResponse) Descriptor() ([]byte, []int) {
-	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{27}
+	return file_qbridge_v1_queue_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetMessageResponse) GetId() string {
@@ -2302,7 +2434,7 @@ var File_qbridge_v1_queue_proto protoreflect.FileDescriptor
 const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\n" +
 	"\x16qbridge/v1/queue.proto\x12\n" +
-	"qbridge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x04\n" +
+	"qbridge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc6\x04\n" +
 	"\x0eEnqueueRequest\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12A\n" +
@@ -2318,7 +2450,8 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	" \x01(\bR\vwaitForRoom\x12\x1b\n" +
 	"\ttask_type\x18\v \x01(\tR\btaskType\x12\x1f\n" +
 	"\vkeep_result\x18\f \x01(\bR\n" +
-	"keepResult\x1a:\n" +
+	"keepResult\x12!\n" +
+	"\fordering_key\x18\r \x01(\tR\vorderingKey\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa8\x01\n" +
@@ -2334,7 +2467,7 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\x13EnqueueBatchRequest\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x124\n" +
 	"\bmessages\x18\x02 \x03(\v2\x18.qbridge.v1.BatchMessageR\bmessages\x12\"\n" +
-	"\rwait_for_room\x18\x03 \x01(\bR\vwaitForRoom\"\xe5\x03\n" +
+	"\rwait_for_room\x18\x03 \x01(\bR\vwaitForRoom\"\x88\x04\n" +
 	"\fBatchMessage\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\x12?\n" +
 	"\aheaders\x18\x02 \x03(\v2%.qbridge.v1.BatchMessage.HeadersEntryR\aheaders\x12\x0e\n" +
@@ -2348,7 +2481,8 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\ttask_type\x18\t \x01(\tR\btaskType\x12\x1f\n" +
 	"\vkeep_result\x18\n" +
 	" \x01(\bR\n" +
-	"keepResult\x1a:\n" +
+	"keepResult\x12!\n" +
+	"\fordering_key\x18\v \x01(\tR\vorderingKey\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"F\n" +
@@ -2365,7 +2499,7 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\x0fConsumeResponse\x124\n" +
 	"\n" +
 	"deliveries\x18\x01 \x03(\v2\x14.qbridge.v1.DeliveryR\n" +
-	"deliveries\"\xb8\x03\n" +
+	"deliveries\"\xce\x03\n" +
 	"\bDelivery\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12;\n" +
@@ -2378,7 +2512,8 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\n" +
 	"last_error\x18\t \x01(\tR\tlastError\x12\x1b\n" +
 	"\ttask_type\x18\n" +
-	" \x01(\tR\btaskType\x1a:\n" +
+	" \x01(\tR\btaskType\x12\x14\n" +
+	"\x05shard\x18\v \x01(\rR\x05shard\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa6\x01\n" +
@@ -2430,7 +2565,7 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	"\apattern\x18\x02 \x01(\tR\apattern\x12\x18\n" +
 	"\apayload\x18\x03 \x01(\fR\apayload\",\n" +
 	"\x14GetQueueStatsRequest\x12\x14\n" +
-	"\x05queue\x18\x01 \x01(\tR\x05queue\"\xa8\x04\n" +
+	"\x05queue\x18\x01 \x01(\tR\x05queue\"\xd8\x04\n" +
 	"\x15GetQueueStatsResponse\x12\x14\n" +
 	"\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n" +
 	"\x05ready\x18\x02 \x01(\x03R\x05ready\x12\x1b\n" +
@@ -2445,10 +2580,19 @@ const file_qbridge_v1_queue_proto_rawDesc = "" +
 	" \x01(\v2\x19.qbridge.v1.QueueCountersR\bcounters\x12O\n" +
 	"\n" +
 	"task_types\x18\v \x03(\v20.qbridge.v1.GetQueueStatsResponse.TaskTypesEntryR\ttaskTypes\x12\x1c\n" +
-	"\tconsumers\x18\f \x01(\x03R\tconsumers\x1aW\n" +
+	"\tconsumers\x18\f \x01(\x03R\tconsumers\x12.\n" +
+	"\x06shards\x18\r \x03(\v2\x16.qbridge.v1.ShardStatsR\x06shards\x1aW\n" +
 	"\x0eTaskTypesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12/\n" +
-	"\x05value\x18\x02 \x01(\v2\x19.qbridge.v1.QueueCountersR\x05value:\x028\x01\"\xbd\x01\n" +
+	"\x05value\x18\x02 \x01(\v2\x19.qbridge.v1.QueueCountersR\x05value:\x028\x01\"\x97\x01\n" +
+	"\n" +
+	"ShardStats\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\rR\x05shard\x12\x12\n" +
+	"\x04list\x18\x02 \x01(\tR\x04list\x12\x14\n" +
+	"\x05ready\x18\x03 \x01(\x03R\x05ready\x12\x1b\n" +
+	"\tin_flight\x18\x04 \x01(\x03R\binFlight\x12\x18\n" +
+	"\adelayed\x18\x05 \x01(\x03R\adelayed\x12\x12\n" +
+	"\x04dead\x18\x06 \x01(\x03R\x04dead\"\xbd\x01\n" +
 	"\rQueueCounters\x12\x1a\n" +
 	"\benqueued\x18\x01 \x01(\x03R\benqueued\x12\x14\n" +
 	"\x05acked\x18\x02 \x01(\x03R\x05acked\x12\x16\n" +
@@ -2527,7 +2671,7 @@ func file_qbridge_v1_queue_proto_rawDescGZIP() []byte {
 }
 
 var file_qbridge_v1_queue_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_qbridge_v1_queue_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_qbridge_v1_queue_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_qbridge_v1_queue_proto_goTypes = []any{
 	(NackAction)(0),               // 0: qbridge.v1.NackAction
 	(ResultState)(0),              // 1: qbridge.v1.ResultState
@@ -2555,80 +2699,82 @@ var file_qbridge_v1_queue_proto_goTypes = []any{
 	(*PubSubMessage)(nil),         // 23: qbridge.v1.PubSubMessage
 	(*GetQueueStatsRequest)(nil),  // 24: qbridge.v1.GetQueueStatsRequest
 	(*GetQueueStatsResponse)(nil), // 25: qbridge.v1.GetQueueStatsResponse
-	(*QueueCounters)(nil),         // 26: qbridge.v1.QueueCounters
-	(*GetResultRequest)(nil),      // 27: qbridge.v1.GetResultRequest
-	(*GetResultResponse)(nil),     // 28: qbridge.v1.GetResultResponse
-	(*GetMessageRequest)(nil),     // 29: qbridge.v1.GetMessageRequest
-	(*GetMessageResponse)(nil),    // 30: qbridge.v1.GetMessageResponse
-	nil,                           // 31: qbridge.v1.EnqueueRequest.HeadersEntry
-	nil,                           // 32: qbridge.v1.BatchMessage.HeadersEntry
-	nil,                           // 33: qbridge.v1.Delivery.HeadersEntry
-	nil,                           // 34: qbridge.v1.AckRequest.ResultsEntry
-	nil,                           // 35: qbridge.v1.GetQueueStatsResponse.TaskTypesEntry
-	(*durationpb.Duration)(nil),   // 36: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 37: google.protobuf.Timestamp
+	(*ShardStats)(nil),            // 26: qbridge.v1.ShardStats
+	(*QueueCounters)(nil),         // 27: qbridge.v1.QueueCounters
+	(*GetResultRequest)(nil),      // 28: qbridge.v1.GetResultRequest
+	(*GetResultResponse)(nil),     // 29: qbridge.v1.GetResultResponse
+	(*GetMessageRequest)(nil),     // 30: qbridge.v1.GetMessageRequest
+	(*GetMessageResponse)(nil),    // 31: qbridge.v1.GetMessageResponse
+	nil,                           // 32: qbridge.v1.EnqueueRequest.HeadersEntry
+	nil,                           // 33: qbridge.v1.BatchMessage.HeadersEntry
+	nil,                           // 34: qbridge.v1.Delivery.HeadersEntry
+	nil,                           // 35: qbridge.v1.AckRequest.ResultsEntry
+	nil,                           // 36: qbridge.v1.GetQueueStatsResponse.TaskTypesEntry
+	(*durationpb.Duration)(nil),   // 37: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 38: google.protobuf.Timestamp
 }
 var file_qbridge_v1_queue_proto_depIdxs = []int32{
-	31, // 0: qbridge.v1.EnqueueRequest.headers:type_name -> qbridge.v1.EnqueueRequest.HeadersEntry
-	36, // 1: qbridge.v1.EnqueueRequest.delay:type_name -> google.protobuf.Duration
-	37, // 2: qbridge.v1.EnqueueRequest.deliver_at:type_name -> google.protobuf.Timestamp
-	36, // 3: qbridge.v1.EnqueueRequest.ttl:type_name -> google.protobuf.Duration
+	32, // 0: qbridge.v1.EnqueueRequest.headers:type_name -> qbridge.v1.EnqueueRequest.HeadersEntry
+	37, // 1: qbridge.v1.EnqueueRequest.delay:type_name -> google.protobuf.Duration
+	38, // 2: qbridge.v1.EnqueueRequest.deliver_at:type_name -> google.protobuf.Timestamp
+	37, // 3: qbridge.v1.EnqueueRequest.ttl:type_name -> google.protobuf.Duration
 	4,  // 4: qbridge.v1.EnqueueRequest.retry_policy:type_name -> qbridge.v1.RetryPolicy
-	36, // 5: qbridge.v1.RetryPolicy.min_backoff:type_name -> google.protobuf.Duration
-	36, // 6: qbridge.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
+	37, // 5: qbridge.v1.RetryPolicy.min_backoff:type_name -> google.protobuf.Duration
+	37, // 6: qbridge.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
 	7,  // 7: qbridge.v1.EnqueueBatchRequest.messages:type_name -> qbridge.v1.BatchMessage
-	32, // 8: qbridge.v1.BatchMessage.headers:type_name -> qbridge.v1.BatchMessage.HeadersEntry
-	36, // 9: qbridge.v1.BatchMessage.delay:type_name -> google.protobuf.Duration
-	37, // 10: qbridge.v1.BatchMessage.deliver_at:type_name -> google.protobuf.Timestamp
-	36, // 11: qbridge.v1.BatchMessage.ttl:type_name -> google.protobuf.Duration
+	33, // 8: qbridge.v1.BatchMessage.headers:type_name -> qbridge.v1.BatchMessage.HeadersEntry
+	37, // 9: qbridge.v1.BatchMessage.delay:type_name -> google.protobuf.Duration
+	38, // 10: qbridge.v1.BatchMessage.deliver_at:type_name -> google.protobuf.Timestamp
+	37, // 11: qbridge.v1.BatchMessage.ttl:type_name -> google.protobuf.Duration
 	4,  // 12: qbridge.v1.BatchMessage.retry_policy:type_name -> qbridge.v1.RetryPolicy
-	36, // 13: qbridge.v1.ConsumeRequest.lease_duration:type_name -> google.protobuf.Duration
+	37, // 13: qbridge.v1.ConsumeRequest.lease_duration:type_name -> google.protobuf.Duration
 	11, // 14: qbridge.v1.ConsumeResponse.deliveries:type_name -> qbridge.v1.Delivery
-	33, // 15: qbridge.v1.Delivery.headers:type_name -> qbridge.v1.Delivery.HeadersEntry
-	37, // 16: qbridge.v1.Delivery.enqueue_time:type_name -> google.protobuf.Timestamp
-	37, // 17: qbridge.v1.Delivery.lease_deadline:type_name -> google.protobuf.Timestamp
-	34, // 18: qbridge.v1.AckRequest.results:type_name -> qbridge.v1.AckRequest.ResultsEntry
+	34, // 15: qbridge.v1.Delivery.headers:type_name -> qbridge.v1.Delivery.HeadersEntry
+	38, // 16: qbridge.v1.Delivery.enqueue_time:type_name -> google.protobuf.Timestamp
+	38, // 17: qbridge.v1.Delivery.lease_deadline:type_name -> google.protobuf.Timestamp
+	35, // 18: qbridge.v1.AckRequest.results:type_name -> qbridge.v1.AckRequest.ResultsEntry
 	0,  // 19: qbridge.v1.NackRequest.action:type_name -> qbridge.v1.NackAction
-	36, // 20: qbridge.v1.NackRequest.retry_delay:type_name -> google.protobuf.Duration
-	36, // 21: qbridge.v1.ExtendLeaseRequest.lease_duration:type_name -> google.protobuf.Duration
-	37, // 22: qbridge.v1.ExtendLeaseResponse.lease_deadline:type_name -> google.protobuf.Timestamp
+	37, // 20: qbridge.v1.NackRequest.retry_delay:type_name -> google.protobuf.Duration
+	37, // 21: qbridge.v1.ExtendLeaseRequest.lease_duration:type_name -> google.protobuf.Duration
+	38, // 22: qbridge.v1.ExtendLeaseResponse.lease_deadline:type_name -> google.protobuf.Timestamp
 	22, // 23: qbridge.v1.SubscribeResponse.subscribed:type_name -> qbridge.v1.Subscribed
 	23, // 24: qbridge.v1.SubscribeResponse.message:type_name -> qbridge.v1.PubSubMessage
-	36, // 25: qbridge.v1.GetQueueStatsResponse.oldest_ready_age:type_name -> google.protobuf.Duration
-	26, // 26: qbridge.v1.GetQueueStatsResponse.counters:type_name -> qbridge.v1.QueueCounters
-	35, // 27: qbridge.v1.GetQueueStatsResponse.task_types:type_name -> qbridge.v1.GetQueueStatsResponse.TaskTypesEntry
-	36, // 28: qbridge.v1.GetResultRequest.wait:type_name -> google.protobuf.Duration
-	1,  // 29: qbridge.v1.GetResultResponse.state:type_name -> qbridge.v1.ResultState
-	37, // 30: qbridge.v1.GetResultResponse.finish_time:type_name -> google.protobuf.Timestamp
-	2,  // 31: qbridge.v1.GetMessageResponse.state:type_name -> qbridge.v1.MessageState
-	26, // 32: qbridge.v1.GetQueueStatsResponse.TaskTypesEntry.value:type_name -> qbridge.v1.QueueCounters
-	3,  // 33: qbridge.v1.QueueService.Enqueue:input_type -> qbridge.v1.EnqueueRequest
-	6,  // 34: qbridge.v1.QueueService.EnqueueBatch:input_type -> qbridge.v1.EnqueueBatchRequest
-	9,  // 35: qbridge.v1.QueueService.Consume:input_type -> qbridge.v1.ConsumeRequest
-	12, // 36: qbridge.v1.QueueService.Ack:input_type -> qbridge.v1.AckRequest
-	14, // 37: qbridge.v1.QueueService.Nack:input_type -> qbridge.v1.NackRequest
-	16, // 38: qbridge.v1.QueueService.ExtendLease:input_type -> qbridge.v1.ExtendLeaseRequest
-	18, // 39: qbridge.v1.QueueService.Publish:input_type -> qbridge.v1.PublishRequest
-	20, // 40: qbridge.v1.QueueService.Subscribe:input_type -> qbridge.v1.SubscribeRequest
-	24, // 41: qbridge.v1.QueueService.GetQueueStats:input_type -> qbridge.v1.GetQueueStatsRequest
-	27, // 42: qbridge.v1.QueueService.GetResult:input_type -> qbridge.v1.GetResultRequest
-	29, // 43: qbridge.v1.QueueService.GetMessage:input_type -> qbridge.v1.GetMessageRequest
-	5,  // 44: qbridge.v1.QueueService.Enqueue:output_type -> qbridge.v1.EnqueueResponse
-	8,  // 45: qbridge.v1.QueueService.EnqueueBatch:output_type -> qbridge.v1.EnqueueBatchResponse
-	10, // 46: qbridge.v1.QueueService.Consume:output_type -> qbridge.v1.ConsumeResponse
-	13, // 47: qbridge.v1.QueueService.Ack:output_type -> qbridge.v1.AckResponse
-	15, // 48: qbridge.v1.QueueService.Nack:output_type -> qbridge.v1.NackResponse
-	17, // 49: qbridge.v1.QueueService.ExtendLease:output_type -> qbridge.v1.ExtendLeaseResponse
-	19, // 50: qbridge.v1.QueueService.Publish:output_type -> qbridge.v1.PublishResponse
-	21, // 51: qbridge.v1.QueueService.Subscribe:output_type -> qbridge.v1.SubscribeResponse
-	25, // 52: qbridge.v1.QueueService.GetQueueStats:output_type -> qbridge.v1.GetQueueStatsResponse
-	28, // 53: qbridge.v1.QueueService.GetResult:output_type -> qbridge.v1.GetResultResponse
-	30, // 54: qbridge.v1.QueueService.GetMessage:output_type -> qbridge.v1.GetMessageResponse
-	44, // [44:55] is the sub-list for method output_type
-	33, // [33:44] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	37, // 25: qbridge.v1.GetQueueStatsResponse.oldest_ready_age:type_name -> google.protobuf.Duration
+	27, // 26: qbridge.v1.GetQueueStatsResponse.counters:type_name -> qbridge.v1.QueueCounters
+	36, // 27: qbridge.v1.GetQueueStatsResponse.task_types:type_name -> qbridge.v1.GetQueueStatsResponse.TaskTypesEntry
+	26, // 28: qbridge.v1.GetQueueStatsResponse.shards:type_name -> qbridge.v1.ShardStats
+	37, // 29: qbridge.v1.GetResultRequest.wait:type_name -> google.protobuf.Duration
+	1,  // 30: qbridge.v1.GetResultResponse.state:type_name -> qbridge.v1.ResultState
+	38, // 31: qbridge.v1.GetResultResponse.finish_time:type_name -> google.protobuf.Timestamp
+	2,  // 32: qbridge.v1.GetMessageResponse.state:type_name -> qbridge.v1.MessageState
+	27, // 33: qbridge.v1.GetQueueStatsResponse.TaskTypesEntry.value:type_name -> qbridge.v1.QueueCounters
+	3,  // 34: qbridge.v1.QueueService.Enqueue:input_type -> qbridge.v1.EnqueueRequest
+	6,  // 35: qbridge.v1.QueueService.EnqueueBatch:input_type -> qbridge.v1.EnqueueBatchRequest
+	9,  // 36: qbridge.v1.QueueService.Consume:input_type -> qbridge.v1.ConsumeRequest
+	12, // 37: qbridge.v1.QueueService.Ack:input_type -> qbridge.v1.AckRequest
+	14, // 38: qbridge.v1.QueueService.Nack:input_type -> qbridge.v1.NackRequest
+	16, // 39: qbridge.v1.QueueService.ExtendLease:input_type -> qbridge.v1.ExtendLeaseRequest
+	18, // 40: qbridge.v1.QueueService.Publish:input_type -> qbridge.v1.PublishRequest
+	20, // 41: qbridge.v1.QueueService.Subscribe:input_type -> qbridge.v1.SubscribeRequest
+	24, // 42: qbridge.v1.QueueService.GetQueueStats:input_type -> qbridge.v1.GetQueueStatsRequest
+	28, // 43: qbridge.v1.QueueService.GetResult:input_type -> qbridge.v1.GetResultRequest
+	30, // 44: qbridge.v1.QueueService.GetMessage:input_type -> qbridge.v1.GetMessageRequest
+	5,  // 45: qbridge.v1.QueueService.Enqueue:output_type -> qbridge.v1.EnqueueResponse
+	8,  // 46: qbridge.v1.QueueService.EnqueueBatch:output_type -> qbridge.v1.EnqueueBatchResponse
+	10, // 47: qbridge.v1.QueueService.Consume:output_type -> qbridge.v1.ConsumeResponse
+	13, // 48: qbridge.v1.QueueService.Ack:output_type -> qbridge.v1.AckResponse
+	15, // 49: qbridge.v1.QueueService.Nack:output_type -> qbridge.v1.NackResponse
+	17, // 50: qbridge.v1.QueueService.ExtendLease:output_type -> qbridge.v1.ExtendLeaseResponse
+	19, // 51: qbridge.v1.QueueService.Publish:output_type -> qbridge.v1.PublishResponse
+	21, // 52: qbridge.v1.QueueService.Subscribe:output_type -> qbridge.v1.SubscribeResponse
+	25, // 53: qbridge.v1.QueueService.GetQueueStats:output_type -> qbridge.v1.GetQueueStatsResponse
+	29, // 54: qbridge.v1.QueueService.GetResult:output_type -> qbridge.v1.GetResultResponse
+	31, // 55: qbridge.v1.QueueService.GetMessage:output_type -> qbridge.v1.GetMessageResponse
+	45, // [45:56] is the sub-list for method output_type
+	34, // [34:45] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_qbridge_v1_queue_proto_init() }
@@ -2646,7 +2792,7 @@ func file_qbridge_v1_queue_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_qbridge_v1_queue_proto_rawDesc), len(file_qbridge_v1_queue_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   33,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -16,7 +16,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from qbridge.v1 import queue_pb2 as qbridge_dot_v1_dot_queue__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16qbridge/v1/admin.proto\x12\nqbridge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16qbridge/v1/queue.proto\"O\n\x11ListQueuesRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\rR\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"T\n\x12ListQueuesResponse\x12\x16\n\x06queues\x18\x01 \x03(\tR\x06queues\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x97\x01\n\x13PeekMessagesRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x18.qbridge.v1.MessageStateR\x05state\x12\x1b\n\tpage_size\x18\x03 \x01(\rR\x08pageSize\x12\x1d\n\npage_token\x18\x04 \x01(\tR\tpageToken\"u\n\x14PeekMessagesResponse\x12\x35\n\x08messages\x18\x01 \x03(\x0b\x32\x19.qbridge.v1.QueuedMessageR\x08messages\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x9b\x05\n\rQueuedMessage\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n\x07payload\x18\x02 \x01(\x0cR\x07payload\x12@\n\x07headers\x18\x03 \x03(\x0b\x32&.qbridge.v1.QueuedMessage.HeadersEntryR\x07headers\x12=\n\x0c\x65nqueue_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0b\x65nqueueTime\x12\x1e\n\ndeliveries\x18\x05 \x01(\rR\ndeliveries\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x18.qbridge.v1.MessageStateR\x05state\x12=\n\x0c\x64\x65liver_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0b\x64\x65liverTime\x12\x41\n\x0elease_deadline\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\rleaseDeadline\x12;\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\x12\x1d\n\nlast_error\x18\n \x01(\tR\tlastError\x12\x37\n\tdead_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64Time\x12\x1f\n\x0b\x64\x65\x61\x64_reason\x18\x0c \x01(\tR\ndeadReason\x12\x1b\n\ttask_type\x18\r \x01(\tR\x08taskType\x1a:\n\x0cHeadersEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\")\n\x11PurgeQueueRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\",\n\x12PurgeQueueResponse\x12\x16\n\x06purged\x18\x01 \x01(\x03R\x06purged\")\n\x11PauseQueueRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\"\x14\n\x12PauseQueueResponse\"*\n\x12ResumeQueueRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\"\x15\n\x13ResumeQueueResponse\"@\n\x12\x44\x65leteQueueRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n\x05\x66orce\x18\x02 \x01(\x08R\x05\x66orce\"\x15\n\x13\x44\x65leteQueueResponse\"T\n\x18ReplayDeadLettersRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\x12\x10\n\x03ids\x18\x02 \x03(\tR\x03ids\x12\x10\n\x03\x61ll\x18\x03 \x01(\x08R\x03\x61ll\"7\n\x19ReplayDeadLettersResponse\x12\x1a\n\x08replayed\x18\x01 \x01(\x03R\x08replayed\"T\n\x18\x44\x65leteDeadLettersRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\x12\x10\n\x03ids\x18\x02 \x03(\tR\x03ids\x12\x10\n\x03\x61ll\x18\x03 \x01(\x08R\x03\x61ll\"5\n\x19\x44\x65leteDeadLettersResponse\x12\x18\n\x07\x64\x65leted\x18\x01 \x01(\x03R\x07\x64\x65leted\"\xe8\x01\n\x0bQueueConfig\x12:\n\x0cretry_policy\x18\x01 \x01(\x0b\x32\x17.qbridge.v1.RetryPolicyR\x0bretryPolicy\x12\x1d\n\nmax_length\x18\x02 \x01(\x04R\tmaxLength\x12@\n\x0e\x65xpired_action\x18\x03 \x01(\x0e\x32\x19.qbridge.v1.ExpiredActionR\rexpiredAction\x12<\n\x0c\x64\x65\x64up_window\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationR\x0b\x64\x65\x64upWindow\"-\n\x15GetQueueConfigRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\"I\n\x16GetQueueConfigResponse\x12/\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.qbridge.v1.QueueConfigR\x06\x63onfig\"a\n\x18UpdateQueueConfigRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.qbridge.v1.QueueConfigR\x06\x63onfig\"L\n\x19UpdateQueueConfigResponse\x12/\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.qbridge.v1.QueueConfigR\x06\x63onfig*h\n\rExpiredAction\x12\x1e\n\x1a\x45XPIRED_ACTION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XPIRED_ACTION_DROP\x10\x01\x12\x1e\n\x1a\x45XPIRED_ACTION_DEAD_LETTER\x10\x02\x32\xe7\x06\n\x0c\x41\x64minService\x12K\n\nListQueues\x12\x1d.qbridge.v1.ListQueuesRequest\x1a\x1e.qbridge.v1.ListQueuesResponse\x12Q\n\x0cPeekMessages\x12\x1f.qbridge.v1.PeekMessagesRequest\x1a .qbridge.v1.PeekMessagesResponse\x12K\n\nPurgeQueue\x12\x1d.qbridge.v1.PurgeQueueRequest\x1a\x1e.qbridge.v1.PurgeQueueResponse\x12K\n\nPauseQueue\x12\x1d.qbridge.v1.PauseQueueRequest\x1a\x1e.qbridge.v1.PauseQueueResponse\x12N\n\x0bResumeQueue\x12\x1e.qbridge.v1.ResumeQueueRequest\x1a\x1f.qbridge.v1.ResumeQueueResponse\x12N\n\x0b\x44\x65leteQueue\x12\x1e.qbridge.v1.DeleteQueueRequest\x1a\x1f.qbridge.v1.DeleteQueueResponse\x12`\n\x11ReplayDeadLetters\x12$.qbridge.v1.ReplayDeadLettersRequest\x1a%.qbridge.v1.ReplayDeadLettersResponse\x12`\n\x11\x44\x65leteDeadLetters\x12$.qbridge.v1.DeleteDeadLettersRequest\x1a%.qbridge.v1.DeleteDeadLettersResponse\x12W\n\x0eGetQueueConfig\x12!.qbridge.v1.GetQueueConfigRequest\x1a\".qbridge.v1.GetQueueConfigResponse\x12`\n\x11UpdateQueueConfig\x12$.qbridge.v1.UpdateQueueConfigRequest\x1a%.qbridge.v1.UpdateQueueConfigResponseB5Z3github.com/qbridge/qbridge/gen/qbridge/v1;qbridgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16qbridge/v1/admin.proto\x12\nqbridge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16qbridge/v1/queue.proto\"O\n\x11ListQueuesRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\rR\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"T\n\x12ListQueuesResponse\x12\x16\n\x06queues\x18\x01 \x03(\tR\x06queues\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x97\x01\n\x13PeekMessagesRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x18.qbridge.v1.MessageStateR\x05state\x12\x1b\n\tpage_size\x18\x03 \x01(\rR\x08pageSize\x12\x1d\n\npage_token\x18\x04 \x01(\tR\tpageToken\"u\n\x14PeekMessagesResponse\x12\x35\n\x08messages\x18\x01 \x03(\x0b\x32\x19.qbridge.v1.QueuedMessageR\x08messages\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb1\x05\n\rQueuedMessage\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n\x07payload\x18\x02 \x01(\x0cR\x07payload\x12@\n\x07headers\x18\x03 \x03(\x0b\x32&.qbridge.v1.QueuedMessage.HeadersEntryR\x07headers\x12=\n\x0c\x65nqueue_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0b\x65nqueueTime\x12\x1e\n\ndeliveries\x18\x05 \x01(\rR\ndeliveries\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x18.qbridge.v1.MessageStateR\x05state\x12=\n\x0c\x64\x65liver_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0b\x64\x65liverTime\x12\x41\n\x0elease_deadline\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\rleaseDeadline\x12;\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\x12\x1d\n\nlast_error\x18\n \x01(\tR\tlastError\x12\x37\n\tdead_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64Time\x12\x1f\n\x0b\x64\x65\x61\x64_reason\x18\x0c \x01(\tR\ndeadReason\x12\x1b\n\ttask_type\x18\r \x01(\tR\x08taskType\x12\x14\n\x05shard\x18\x0e \x01(\rR\x05shard\x1a:\n\x0cHeadersEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\")\n\x11PurgeQueueRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\",\n\x12PurgeQueueResponse\x12\x16\n\x06purged\x18\x01 \x01(\x03R\x06purged\")\n\x11PauseQueueRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\"\x14\n\x12PauseQueueResponse\"*\n\x12ResumeQueueRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\"\x15\n\x13ResumeQueueResponse\"@\n\x12\x44\x65leteQueueRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\x12\x14\n\x05\x66orce\x18\x02 \x01(\x08R\x05\x66orce\"\x15\n\x13\x44\x65leteQueueResponse\"T\n\x18ReplayDeadLettersRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\x12\x10\n\x03ids\x18\x02 \x03(\tR\x03ids\x12\x10\n\x03\x61ll\x18\x03 \x01(\x08R\x03\x61ll\"7\n\x19ReplayDeadLettersResponse\x12\x1a\n\x08replayed\x18\x01 \x01(\x03R\x08replayed\"T\n\x18\x44\x65leteDeadLettersRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\x12\x10\n\x03ids\x18\x02 \x03(\tR\x03ids\x12\x10\n\x03\x61ll\x18\x03 \x01(\x08R\x03\x61ll\"5\n\x19\x44\x65leteDeadLettersResponse\x12\x18\n\x07\x64\x65leted\x18\x01 \x01(\x03R\x07\x64\x65leted\"\x80\x02\n\x0bQueueConfig\x12:\n\x0cretry_policy\x18\x01 \x01(\x0b\x32\x17.qbridge.v1.RetryPolicyR\x0bretryPolicy\x12\x1d\n\nmax_length\x18\x02 \x01(\x04R\tmaxLength\x12@\n\x0e\x65xpired_action\x18\x03 \x01(\x0e\x32\x19.qbridge.v1.ExpiredActionR\rexpiredAction\x12<\n\x0c\x64\x65\x64up_window\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationR\x0b\x64\x65\x64upWindow\x12\x16\n\x06shards\x18\x05 \x01(\rR\x06shards\"-\n\x15GetQueueConfigRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\"I\n\x16GetQueueConfigResponse\x12/\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.qbridge.v1.QueueConfigR\x06\x63onfig\"a\n\x18UpdateQueueConfigRequest\x12\x14\n\x05queue\x18\x01 \x01(\tR\x05queue\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.qbridge.v1.QueueConfigR\x06\x63onfig\"L\n\x19UpdateQueueConfigResponse\x12/\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.qbridge.v1.QueueConfigR\x06\x63onfig*h\n\rExpiredAction\x12\x1e\n\x1a\x45XPIRED_ACTION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XPIRED_ACTION_DROP\x10\x01\x12\x1e\n\x1a\x45XPIRED_ACTION_DEAD_LETTER\x10\x02\x32\xe7\x06\n\x0c\x41\x64minService\x12K\n\nListQueues\x12\x1d.qbridge.v1.ListQueuesRequest\x1a\x1e.qbridge.v1.ListQueuesResponse\x12Q\n\x0cPeekMessages\x12\x1f.qbridge.v1.PeekMessagesRequest\x1a .qbridge.v1.PeekMessagesResponse\x12K\n\nPurgeQueue\x12\x1d.qbridge.v1.PurgeQueueRequest\x1a\x1e.qbridge.v1.PurgeQueueResponse\x12K\n\nPauseQueue\x12\x1d.qbridge.v1.PauseQueueRequest\x1a\x1e.qbridge.v1.PauseQueueResponse\x12N\n\x0bResumeQueue\x12\x1e.qbridge.v1.ResumeQueueRequest\x1a\x1f.qbridge.v1.ResumeQueueResponse\x12N\n\x0b\x44\x65leteQueue\x12\x1e.qbridge.v1.DeleteQueueRequest\x1a\x1f.qbridge.v1.DeleteQueueResponse\x12`\n\x11ReplayDeadLetters\x12$.qbridge.v1.ReplayDeadLettersRequest\x1a%.qbridge.v1.ReplayDeadLettersResponse\x12`\n\x11\x44\x65leteDeadLetters\x12$.qbridge.v1.DeleteDeadLettersRequest\x1a%.qbridge.v1.DeleteDeadLettersResponse\x12W\n\x0eGetQueueConfig\x12!.qbridge.v1.GetQueueConfigRequest\x1a\".qbridge.v1.GetQueueConfigResponse\x12`\n\x11UpdateQueueConfig\x12$.qbridge.v1.UpdateQueueConfigRequest\x1a%.qbridge.v1.UpdateQueueConfigResponseB5Z3github.com/qbridge/qbridge/gen/qbridge/v1;qbridgev1b\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qbridge.v1.admin_pb2', globals())
@@ -26,8 +26,8 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._serialized_options = b'Z3github.com/qbridge/qbridge/gen/qbridge/v1;qbridgev1'
   _QUEUEDMESSAGE_HEADERSENTRY._options = None
   _QUEUEDMESSAGE_HEADERSENTRY._serialized_options = b'8\001'
-  _EXPIREDACTION._serialized_start=2365
-  _EXPIREDACTION._serialized_end=2469
+  _EXPIREDACTION._serialized_start=2411
+  _EXPIREDACTION._serialized_end=2515
   _LISTQUEUESREQUEST._serialized_start=127
   _LISTQUEUESREQUEST._serialized_end=206
   _LISTQUEUESRESPONSE._serialized_start=208
@@ -37,43 +37,43 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _PEEKMESSAGESRESPONSE._serialized_start=448
   _PEEKMESSAGESRESPONSE._serialized_end=565
   _QUEUEDMESSAGE._serialized_start=568
-  _QUEUEDMESSAGE._serialized_end=1235
-  _QUEUEDMESSAGE_HEADERSENTRY._serialized_start=1177
-  _QUEUEDMESSAGE_HEADERSENTRY._serialized_end=1235
-  _PURGEQUEUEREQUEST._serialized_start=1237
-  _PURGEQUEUEREQUEST._serialized_end=1278
-  _PURGEQUEUERESPONSE._serialized_start=1280
-  _PURGEQUEUERESPONSE._serialized_end=1324
-  _PAUSEQUEUEREQUEST._serialized_start=1326
-  _PAUSEQUEUEREQUEST._serialized_end=1367
-  _PAUSEQUEUERESPONSE._serialized_start=1369
-  _PAUSEQUEUERESPONSE._serialized_end=1389
-  _RESUMEQUEUEREQUEST._serialized_start=1391
-  _RESUMEQUEUEREQUEST._serialized_end=1433
-  _RESUMEQUEUERESPONSE._serialized_start=1435
-  _RESUMEQUEUERESPONSE._serialized_end=1456
-  _DELETEQUEUEREQUEST._serialized_start=1458
-  _DELETEQUEUEREQUEST._serialized_end=1522
-  _DELETEQUEUERESPONSE._serialized_start=1524
-  _DELETEQUEUERESPONSE._serialized_end=1545
-  _REPLAYDEADLETTERSREQUEST._serialized_start=1547
-  _REPLAYDEADLETTERSREQUEST._serialized_end=1631
-  _REPLAYDEADLETTERSRESPONSE._serialized_start=1633
-  _REPLAYDEADLETTERSRESPONSE._serialized_end=1688
-  _DELETEDEADLETTERSREQUEST._serialized_start=1690
-  _DELETEDEADLETTERSREQUEST._serialized_end=1774
-  _DELETEDEADLETTERSRESPONSE._serialized_start=1776
-  _DELETEDEADLETTERSRESPONSE._serialized_end=1829
-  _QUEUECONFIG._serialized_start=1832
-  _QUEUECONFIG._serialized_end=2064
-  _GETQUEUECONFIGREQUEST._serialized_start=2066
-  _GETQUEUECONFIGREQUEST._serialized_end=2111
-  _GETQUEUECONFIGRESPONSE._serialized_start=2113
-  _GETQUEUECONFIGRESPONSE._serialized_end=2186
-  _UPDATEQUEUECONFIGREQUEST._serialized_start=2188
-  _UPDATEQUEUECONFIGREQUEST._serialized_end=2285
-  _UPDATEQUEUECONFIGRESPONSE._serialized_start=2287
-  _UPDATEQUEUECONFIGRESPONSE._serialized_end=2363
-  _ADMINSERVICE._serialized_start=2472
-  _ADMINSERVICE._serialized_end=3343
+  _QUEUEDMESSAGE._serialized_end=1257
+  _QUEUEDMESSAGE_HEADERSENTRY._serialized_start=1199
+  _QUEUEDMESSAGE_HEADERSENTRY._serialized_end=1257
+  _PURGEQUEUEREQUEST._serialized_start=1259
+  _PURGEQUEUEREQUEST._serialized_end=1300
+  _PURGEQUEUERESPONSE._serialized_start=1302
+  _PURGEQUEUERESPONSE._serialized_end=1346
+  _PAUSEQUEUEREQUEST._serialized_start=1348
+  _PAUSEQUEUEREQUEST._serialized_end=1389
+  _PAUSEQUEUERESPONSE._serialized_start=1391
+  _PAUSEQUEUERESPONSE._serialized_end=1411
+  _RESUMEQUEUEREQUEST._serialized_start=1413
+  _RESUMEQUEUEREQUEST._serialized_end=1455
+  _RESUMEQUEUERESPONSE._serialized_start=1457
+  _RESUMEQUEUERESPONSE._serialized_end=1478
+  _DELETEQUEUEREQUEST._serialized_start=1480
+  _DELETEQUEUEREQUEST._serialized_end=1544
+  _DELETEQUEUERESPONSE._serialized_start=1546
+  _DELETEQUEUERESPONSE._serialized_end=1567
+  _REPLAYDEADLETTERSREQUEST._serialized_start=1569
+  _REPLAYDEADLETTERSREQUEST._serialized_end=1653
+  _REPLAYDEADLETTERSRESPONSE._serialized_start=1655
+  _REPLAYDEADLETTERSRESPONSE._serialized_end=1710
+  _DELETEDEADLETTERSREQUEST._serialized_start=1712
+  _DELETEDEADLETTERSREQUEST._serialized_end=1796
+  _DELETEDEADLETTERSRESPONSE._serialized_start=1798
+  _DELETEDEADLETTERSRESPONSE._serialized_end=1851
+  _QUEUECONFIG._serialized_start=1854
+  _QUEUECONFIG._serialized_end=2110
+  _GETQUEUECONFIGREQUEST._serialized_start=2112
+  _GETQUEUECONFIGREQUEST._serialized_end=2157
+  _GETQUEUECONFIGRESPONSE._serialized_start=2159
+  _GETQUEUECONFIGRESPONSE._serialized_end=2232
+  _UPDATEQUEUECONFIGREQUEST._serialized_start=2234
+  _UPDATEQUEUECONFIGREQUEST._serialized_end=2331
+  _UPDATEQUEUECONFIGRESPONSE._serialized_start=2333
+  _UPDATEQUEUECONFIGRESPONSE._serialized_end=2409
+  _ADMINSERVICE._serialized_start=2518
+  _ADMINSERVICE._serialized_end=3389
 # @@protoc_insertion_point(module_scope)

@@ -233,6 +233,14 @@ export declare type QueuedMessage = Message<"qbridge.v1.QueuedMessage"> & {
    * @generated from field: string task_type = 13;
    */
   taskType: string;
+
+  /**
+   * Which shard of a sharded queue holds the message (0 for an unsharded
+   * queue).
+   *
+   * @generated from field: uint32 shard = 14;
+   */
+  shard: number;
 };
 
 /**
@@ -514,7 +522,7 @@ export declare type QueueConfig = Message<"qbridge.v1.QueueConfig"> & {
   /**
    * The most messages the queue may hold ready and delayed; Enqueue beyond
    * it fails with RESOURCE_EXHAUSTED (or waits, see wait_for_room). 0: no
-   * limit.
+   * limit. On a sharded queue it bounds each shard.
    *
    * @generated from field: uint64 max_length = 2;
    */
@@ -533,6 +541,16 @@ export declare type QueueConfig = Message<"qbridge.v1.QueueConfig"> & {
    * @generated from field: google.protobuf.Duration dedup_window = 4;
    */
   dedupWindow?: Duration;
+
+  /**
+   * How many shards the queue is spread over (1: not sharded; at most 256).
+   * Each shard is a queue of its own in its own Redis Cluster slot, placed
+   * so the shards spread over the cluster's masters. Shards can be added,
+   * never removed. In UpdateQueueConfig, 0 keeps the current count.
+   *
+   * @generated from field: uint32 shards = 5;
+   */
+  shards: number;
 };
 
 /**

@@ -111,6 +111,17 @@ export declare type EnqueueRequest = Message<"qbridge.v1.EnqueueRequest"> & {
    * @generated from field: bool keep_result = 12;
    */
   keepResult: boolean;
+
+  /**
+   * For a sharded queue (QueueConfig.shards > 1): messages with the same
+   * ordering key go to the same shard, and so are delivered in the order
+   * they were enqueued, like on an unsharded queue. Without one, successive
+   * Enqueue calls go to the shards in turn. Same rules as an id. Ignored by
+   * unsharded queues.
+   *
+   * @generated from field: string ordering_key = 13;
+   */
+  orderingKey: string;
 };
 
 /**
@@ -297,6 +308,13 @@ export declare type BatchMessage = Message<"qbridge.v1.BatchMessage"> & {
    * @generated from field: bool keep_result = 10;
    */
   keepResult: boolean;
+
+  /**
+   * See EnqueueRequest.ordering_key.
+   *
+   * @generated from field: string ordering_key = 11;
+   */
+  orderingKey: string;
 };
 
 /**
@@ -499,6 +517,14 @@ export declare type Delivery = Message<"qbridge.v1.Delivery"> & {
    * @generated from field: string task_type = 10;
    */
   taskType: string;
+
+  /**
+   * Which shard of a sharded queue the message came from (0 for an
+   * unsharded queue).
+   *
+   * @generated from field: uint32 shard = 11;
+   */
+  shard: number;
 };
 
 /**
@@ -957,6 +983,15 @@ export declare type GetQueueStatsResponse = Message<"qbridge.v1.GetQueueStatsRes
    * @generated from field: int64 consumers = 12;
    */
   consumers: bigint;
+
+  /**
+   * For a sharded queue, each shard's share of the figures above (ready,
+   * in_flight, delayed and dead are the sums over these). Empty for an
+   * unsharded queue.
+   *
+   * @generated from field: repeated qbridge.v1.ShardStats shards = 13;
+   */
+  shards: ShardStats[];
 };
 
 /**
@@ -964,6 +999,56 @@ export declare type GetQueueStatsResponse = Message<"qbridge.v1.GetQueueStatsRes
  * Use `create(GetQueueStatsResponseSchema)` to create a new message.
  */
 export declare const GetQueueStatsResponseSchema: GenMessage<GetQueueStatsResponse>;
+
+/**
+ * ShardStats describes one shard of a sharded queue.
+ *
+ * @generated from message qbridge.v1.ShardStats
+ */
+export declare type ShardStats = Message<"qbridge.v1.ShardStats"> & {
+  /**
+   * The shard's number, 0 to QueueConfig.shards - 1.
+   *
+   * @generated from field: uint32 shard = 1;
+   */
+  shard: number;
+
+  /**
+   * The shard's ready list: the Redis key (without the server's key prefix)
+   * a plain Redis client would use. Shard 0's is the queue's own name.
+   *
+   * @generated from field: string list = 2;
+   */
+  list: string;
+
+  /**
+   * As in GetQueueStatsResponse.
+   *
+   * @generated from field: int64 ready = 3;
+   */
+  ready: bigint;
+
+  /**
+   * @generated from field: int64 in_flight = 4;
+   */
+  inFlight: bigint;
+
+  /**
+   * @generated from field: int64 delayed = 5;
+   */
+  delayed: bigint;
+
+  /**
+   * @generated from field: int64 dead = 6;
+   */
+  dead: bigint;
+};
+
+/**
+ * Describes the message qbridge.v1.ShardStats.
+ * Use `create(ShardStatsSchema)` to create a new message.
+ */
+export declare const ShardStatsSchema: GenMessage<ShardStats>;
 
 /**
  * QueueCounters are a queue's event totals.
