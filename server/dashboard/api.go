@@ -257,6 +257,17 @@ type queueJSON struct {
 	Consumers      int64                   `json:"consumers"`
 	Counters       countersJSON            `json:"counters"`
 	TaskTypes      map[string]countersJSON `json:"task_types,omitempty"`
+	Shards         []shardJSON             `json:"shards,omitempty"`
+}
+
+// shardJSON is one shard of a sharded queue (ShardStats).
+type shardJSON struct {
+	Shard    uint32 `json:"shard"`
+	List     string `json:"list"`
+	Ready    int64  `json:"ready"`
+	InFlight int64  `json:"in_flight"`
+	Delayed  int64  `json:"delayed"`
+	Dead     int64  `json:"dead"`
 }
 
 func queueStats(st *qbridgev1.GetQueueStatsResponse) queueJSON {
@@ -268,6 +279,10 @@ func queueStats(st *qbridgev1.GetQueueStatsResponse) queueJSON {
 	if st.GetOldestReadyAge() != nil {
 		age := st.GetOldestReadyAge().AsDuration().Seconds()
 		q.OldestReadyAge = &age
+	}
+	for _, sh := range st.GetShards() {
+		q.Shards = append(q.Shards, shardJSON{Shard: sh.GetShard(), List: sh.GetList(),
+			Ready: sh.GetReady(), InFlight: sh.GetInFlight(), Delayed: sh.GetDelayed(), Dead: sh.GetDead()})
 	}
 	if len(st.GetTaskTypes()) > 0 {
 		q.TaskTypes = make(map[string]countersJSON, len(st.GetTaskTypes()))

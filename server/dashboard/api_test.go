@@ -577,3 +577,26 @@ func TestStatic(t *testing.T) {
 		t.Fatalf("API Cache-Control %q", r.header.Get("Cache-Control"))
 	}
 }
+
+// TestAPIShardedQueue: a sharded queue is one queue in the list, and its
+// stats list its shards.
+func TestAPIShardedQueue(t *testing.T) {
+	e := startEnv(t, envConfig{auth: true})
+	if _, err := e.admin.UpdateQueueConfig(ctxT(t, 10*time.Second), &qbridgev1.UpdateQueueConfigRequest{
+		Queue: "hot", Config: &qbridgev1.QueueConfig{Shards: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	e.enqueue("hot", []byte("a"))
+	e.enqueue("hot", []byte("b"))
+	e.enqueue("hot", []byte("c"))
+	// Calls without keys take the shards in turn, from shard 1 on a fresh
+	// server.
+	shards := `[{"shard": 0, "list": "hot", "ready": 1, "in_flight": 0, "delayed": 0, "dead": 0},
+		{"shard": 1, "list": "hot#1", "ready": 2, "in_flight": 0, "delayed": 0, "dead": 0}]`
+	hot := `{"queue": "hot", "ready": 3, "in_flight": 0, "delayed": 0, "dead": 0,
+		"oldest_ready_age_seconds": "<v>", "enqueue_rate": "<v>", "ack_rate": "<v>", "paused": false, "consumers": "<v>",
+		"counters": {"enqueued": 3, "acked": 0, "nacked": 0, "lease_expired": 0, "dead_lettered": 0, "expired": 0},
+		"shards": ` + shards + `}`
+	wantJSON(t, e.do("GET", "/api/queues", adminToken, nil), 200, `{"queues": [`+hot+`], "truncated": false}`)
+	wantJSON(t, e.do("GET", "/api/queues/hot", adminToken, nil), 200, hot)
+}

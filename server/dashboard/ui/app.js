@@ -433,6 +433,8 @@
     let text = 'Totals: ' + parts.join(' · ');
     const types = Object.keys(s.task_types || {}).sort();
     if (types.length) text += ' — task types: ' + types.map((t) => t + ' (' + fmtInt(s.task_types[t].enqueued) + ')').join(', ');
+    const shards = s.shards || [];
+    if (shards.length) text += ' — ' + shards.length + ' shards, ready / in flight: ' + shards.map((h) => '#' + h.shard + ' ' + fmtInt(h.ready) + ' / ' + fmtInt(h.in_flight)).join(', ');
     $('#detail-counters').textContent = text;
     $('#detail-paused').hidden = !s.paused;
     $('#btn-pause').hidden = s.paused;
