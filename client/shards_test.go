@@ -4,8 +4,8 @@ import (
 	"fmt"
 	"testing"
 
-	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 	"github.com/qbridge/qbridge/client"
+	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 )
 
 // TestShardedQueue: ordering keys keep one key's messages in order across a

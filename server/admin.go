@@ -43,6 +43,21 @@ func (a *Admin) known(ctx context.Context, queue string) error {
 		return err
 	}
 	if !ok {
+		// A sharded queue is known when any of its shards is.
+		shards, err := a.s.b.QueueShards(ctx, queue)
+		if err != nil {
+			return err
+		}
+		for _, q := range shards[1:] {
+			if ok, err = a.s.b.Known(ctx, q); err != nil || ok {
+				break
+			}
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if !ok {
 		return notFoundError{queue}
 	}
 	return nil
@@ -314,12 +329,9 @@ func (a *Admin) DeleteQueue(ctx context.Context, req *qbridgev1.DeleteQueueReque
 		// Every instance must register the queue again if it is recreated.
 		a.s.broadcast(ctx, "forget", shards[i])
 	}
-	if len(shards) > 1 {
-		if err := a.s.b.ForgetShards(ctx, req.GetQueue()); err != nil {
-			return nil, toStatus(err)
-		}
-		a.s.broadcast(ctx, "shards", req.GetQueue())
-	}
+	// The shard table keeps the queue's shards: an instance that had not
+	// heard of a removal would enqueue to a shard nobody reads. Shards are
+	// never removed.
 	a.s.log.Info("queue deleted", "queue", req.GetQueue(), "force", req.GetForce())
 	return &qbridgev1.DeleteQueueResponse{}, nil
 }
@@ -429,6 +441,9 @@ func (a *Admin) UpdateQueueConfig(ctx context.Context, req *qbridgev1.UpdateQueu
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	if n := int(c.GetShards()); n != 0 && n < len(shards) {
+		return nil, toStatus(&broker.ShrinkError{Queue: q, Have: len(shards), Ask: n})
+	}
 	for _, sq := range shards {
 		if err := a.s.b.SetConfig(ctx, sq, p, expired); err != nil {
 			return nil, toStatus(err)
@@ -458,10 +473,11 @@ func (a *Admin) UpdateQueueConfig(ctx context.Context, req *qbridgev1.UpdateQueu
 		if err != nil {
 			return nil, toStatus(err)
 		}
+		// This instance serves the new shards before the call returns;
+		// the others as soon as they hear.
+		a.s.refreshShards(ctx, q)
 		a.s.broadcast(ctx, "shards", q)
 		a.s.log.Info("queue sharded", "queue", q, "shards", len(shards))
-	} else if n != 0 && n < len(shards) {
-		return nil, toStatus(&broker.ShrinkError{Queue: q, Have: len(shards), Ask: n})
 	}
 	cfg, err := a.effectiveConfig(ctx, q)
 	if err != nil {

@@ -80,6 +80,12 @@ type consumer struct {
 	// left is how many more messages the stream may take in all
 	// (ConsumeRequest.max_messages); -1: no limit.
 	left int
+	// For a sharded queue's stream (fair): the shards that have messages
+	// for the stream but found it full or had to wait their turn, and
+	// when each shard last gave to it (see fairTake).
+	wants  map[string]bool
+	served map[string]uint64
+	serves uint64
 }
 
 // queues returns the physical queues the stream takes from, highest
@@ -92,21 +98,103 @@ func (c *consumer) setQueues(phys []string, fair bool) {
 	c.fair.Store(fair)
 }
 
-// share is the most one take from one queue may give the stream: its
-// credit, or for a sharded queue's stream a fair share of its window.
-func (c *consumer) share() int {
-	n := c.credit()
-	if c.fair.Load() {
-		k := len(c.queues())
-		n = min(n, max(1, (c.window+k-1)/k))
+// Fair turns. The shards of a sharded queue share a stream: each shard's
+// dispatcher fills it, at most ceil(window/shards) per take. A shard with
+// messages that finds the stream full, or must wait its turn, says it wants
+// the stream; while other shards want it, a shard takes only if it is the
+// one that gave least recently (ties broken by name), and a shard that gives
+// or turns out to be empty wakes the others that want. So when every shard
+// has messages they take turns, and a shard that alone has messages still
+// fills the whole window.
+
+// fairTake returns how many messages the dispatcher of queue q may take
+// for the stream now (0: none), and the dispatchers to wake: those whose
+// turn comes first. mayHave tells whether q may have messages. For a
+// stream that is not fair it returns the credit.
+func (c *consumer) fairTake(q string, mayHave bool) (n int, wake []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n = c.creditLocked()
+	if !c.fair.Load() {
+		return n, nil
 	}
-	return n
+	if n <= 0 {
+		if mayHave {
+			c.want(q)
+		}
+		return 0, nil
+	}
+	mine := c.served[q]
+	for x, w := range c.wants {
+		if w && x != q && (c.served[x] < mine || c.served[x] == mine && x < q) {
+			wake = append(wake, x)
+		}
+	}
+	if len(wake) > 0 {
+		if mayHave {
+			c.want(q)
+		}
+		return 0, wake
+	}
+	k := len(c.queues())
+	return min(n, max(1, (c.window+k-1)/k)), nil
+}
+
+func (c *consumer) want(q string) {
+	if c.wants == nil {
+		c.wants = map[string]bool{}
+	}
+	c.wants[q] = true
+}
+
+// gaveFrom records that queue q gave to the stream, and returns the other
+// queues that want it (their turn may have come).
+func (c *consumer) gaveFrom(q string) (wake []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.fair.Load() {
+		return nil
+	}
+	if c.served == nil {
+		c.served = map[string]uint64{}
+	}
+	c.serves++
+	c.served[q] = c.serves
+	delete(c.wants, q)
+	for x, w := range c.wants {
+		if w {
+			wake = append(wake, x)
+		}
+	}
+	return wake
+}
+
+// unwant records that queue q has nothing for the stream (it is empty, or
+// no longer one of the stream's queues), and returns the queues that may
+// have been waiting for q's turn.
+func (c *consumer) unwant(q string) (wake []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.wants[q] {
+		return nil
+	}
+	delete(c.wants, q)
+	for x, w := range c.wants {
+		if w {
+			wake = append(wake, x)
+		}
+	}
+	return wake
 }
 
 // credit is how many more messages the stream may take.
 func (c *consumer) credit() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.creditLocked()
+}
+
+func (c *consumer) creditLocked() int {
 	if c.closed {
 		return 0
 	}
@@ -266,6 +354,9 @@ type dispatcher struct {
 	// consumers is guarded by s.mu.
 	consumers []*consumer
 	next      int
+	// mayHave is false when the last take found the queue empty (used by
+	// the dispatcher's goroutine only).
+	mayHave bool
 }
 
 func (d *dispatcher) poke() {
@@ -298,7 +389,7 @@ func (s *Server) attach(c *consumer) error {
 func (s *Server) attachLocked(c *consumer, q string) {
 	d := s.dispatchers[q]
 	if d == nil {
-		d = &dispatcher{s: s, queue: q, kick: make(chan struct{}, 1), wake: make(chan struct{}, 1)}
+		d = &dispatcher{s: s, queue: q, kick: make(chan struct{}, 1), wake: make(chan struct{}, 1), mayHave: true}
 		s.dispatchers[q] = d
 		go d.run()
 	}
@@ -319,6 +410,16 @@ func (s *Server) detachLocked(c *consumer, q string) {
 		}
 	}
 	d.poke()
+	s.pokeLocked(c.unwant(q))
+}
+
+// pokeLocked wakes the dispatchers of queues.
+func (s *Server) pokeLocked(queues []string) {
+	for _, q := range queues {
+		if d := s.dispatchers[q]; d != nil {
+			d.poke()
+		}
+	}
 }
 
 // reshard follows a change of queue's shards: the open streams on it take
@@ -396,11 +497,24 @@ func (d *dispatcher) hungry() (cs []*consumer, ok bool) {
 	d.next = (d.next + 1) % n
 	for i := 0; i < n; i++ {
 		c := d.consumers[(d.next+i)%n]
-		if c.credit() > 0 {
+		k, wake := c.fairTake(d.queue, d.mayHave)
+		if k > 0 {
 			cs = append(cs, c)
 		}
+		s.pokeLocked(wake)
 	}
 	return cs, true
+}
+
+// emptied records that the dispatcher's queue had nothing left: no stream
+// of it waits for its turn any more.
+func (d *dispatcher) emptied() {
+	s := d.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range d.consumers {
+		s.pokeLocked(c.unwant(d.queue))
+	}
 }
 
 // pausedRecheck is how often a paused queue's dispatcher looks again
@@ -540,12 +654,23 @@ func (d *dispatcher) fillMany(ctx context.Context, cs []*consumer) (got bool, re
 	}()
 	takes := make([]*broker.Take, 0, len(cs))
 	owners := make([]*consumer, 0, len(cs))
+	var wake []string
 	for _, c := range cs {
-		if n := c.share(); n > 0 {
+		n, w := c.fairTake(d.queue, true)
+		wake = append(wake, w...)
+		if n > 0 {
 			takes = append(takes, &broker.Take{N: n, Lease: c.lease, AutoAck: c.autoAck})
 			owners = append(owners, c)
 		}
 	}
+	defer func() {
+		if remaining == 0 {
+			d.emptied()
+		}
+		for _, q := range wake {
+			d.s.kickQueue(q)
+		}
+	}()
 	if len(takes) == 0 {
 		return false, -1, false, nil
 	}
@@ -569,6 +694,7 @@ func (d *dispatcher) fillMany(ctx context.Context, cs []*consumer) (got bool, re
 			if !c.give(t.Leases) {
 				d.s.giveBack(c, t.Leases)
 			}
+			wake = append(wake, c.gaveFrom(d.queue)...)
 		}
 	}
 	if paused && err == nil {

@@ -2,8 +2,13 @@ package server
 
 import (
 	"context"
+	"errors"
+	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/qbridge/qbridge/server/broker"
 )
 
 // Idle queues
@@ -34,6 +39,16 @@ import (
 // A queue parks before it checks its length once more, so a push between
 // the dispatcher's last look and its parking is never missed: either the
 // check sees it or the announcement (or the poller) finds the queue parked.
+//
+// On Redis Cluster a node may be down while the others serve their slots
+// (cluster-require-full-coverage no). The poller's read is then partial
+// (broker.PartialError): the queues that were read are woken as usual, and
+// those that could not be read become suspect. Suspect queues are read
+// apart, by one read at a time in the background, so that a node that
+// takes seconds to fail (the client's dial retries; a dial timeout when
+// its host does not answer) does not slow the polling of the others; a
+// suspect queue that reads again is polled with the others. The failures
+// are logged once per node per failureLogEvery.
 
 type idleQueues struct {
 	s *Server
@@ -42,10 +57,17 @@ type idleQueues struct {
 	free   int                      // BLMOVE slots free
 	parked map[string]chan struct{} // queue -> its dispatcher's wake channel
 	first  chan struct{}            // capacity 1: a queue parked, the poller may start
+	// suspect holds the parked queues whose length the poller last failed
+	// to read; they are read apart (see poll).
+	suspect map[string]bool
+
+	suspectReading atomic.Bool // a read of the suspect queues is under way
+	fails          failureLog
 }
 
 func newIdleQueues(s *Server) *idleQueues {
-	return &idleQueues{s: s, free: s.opts.blockingWaits, parked: map[string]chan struct{}{}, first: make(chan struct{}, 1)}
+	return &idleQueues{s: s, free: s.opts.blockingWaits, parked: map[string]chan struct{}{}, first: make(chan struct{}, 1),
+		suspect: map[string]bool{}}
 }
 
 func (iq *idleQueues) acquire() bool {
@@ -100,6 +122,7 @@ func (iq *idleQueues) park(queue string, wake chan struct{}) {
 func (iq *idleQueues) unpark(queue string) {
 	iq.mu.Lock()
 	delete(iq.parked, queue)
+	delete(iq.suspect, queue) // it parks again only after reading its length
 	iq.mu.Unlock()
 }
 
@@ -128,6 +151,8 @@ func (iq *idleQueues) counts() (blocking, parked int) {
 func (iq *idleQueues) poll(ctx context.Context) {
 	t := time.NewTicker(iq.s.opts.idlePoll)
 	defer t.Stop()
+	var background sync.WaitGroup // the read of the suspect queues
+	defer background.Wait()
 	for {
 		iq.mu.Lock()
 		n := len(iq.parked)
@@ -147,25 +172,137 @@ func (iq *idleQueues) poll(ctx context.Context) {
 		}
 		iq.mu.Lock()
 		queues := make([]string, 0, len(iq.parked))
+		var suspects []string
 		for q := range iq.parked {
-			queues = append(queues, q)
+			if iq.suspect[q] {
+				suspects = append(suspects, q)
+			} else {
+				queues = append(queues, q)
+			}
 		}
 		iq.mu.Unlock()
-		if len(queues) == 0 {
+		if len(suspects) > 0 && iq.suspectReading.CompareAndSwap(false, true) {
+			background.Add(1)
+			go func() {
+				defer background.Done()
+				defer iq.suspectReading.Store(false)
+				iq.readLengths(ctx, suspects)
+			}()
+		}
+		if len(queues) > 0 {
+			iq.readLengths(ctx, queues)
+		}
+	}
+}
+
+// readLengths reads the lengths of parked queues, wakes those that are not
+// empty, and marks those it could not read as suspect (and the others as
+// not).
+func (iq *idleQueues) readLengths(ctx context.Context, queues []string) {
+	lens, err := iq.s.b.ReadyLengths(ctx, queues)
+	if ctx.Err() != nil {
+		return
+	}
+	var pe *broker.PartialError
+	if err != nil {
+		iq.fails.warn(iq.s.log, "idle poller: cannot read the length of parked queues; their consumers wait for announcements, and the poller tries again", err)
+		if !errors.As(err, &pe) {
+			return
+		}
+	}
+	iq.mu.Lock()
+	for i, q := range queues {
+		if _, parked := iq.parked[q]; !parked {
 			continue
 		}
-		lens, err := iq.s.b.ReadyLengths(ctx, queues)
-		if err != nil {
-			if ctx.Err() == nil {
-				iq.s.log.Debug("cannot poll idle queues; will again", "queues", len(queues), "err", err)
-			}
-			continue
+		if pe.Failed(i) {
+			iq.suspect[q] = true
+		} else {
+			delete(iq.suspect, q)
 		}
-		for i, n := range lens {
-			if n > 0 {
-				iq.wake(queues[i])
-			}
+	}
+	iq.mu.Unlock()
+	for i, n := range lens {
+		if n > 0 && !pe.Failed(i) {
+			iq.wake(queues[i])
 		}
+	}
+}
+
+// failureLogEvery is how often failureLog logs the failures of one kind
+// on one node.
+const failureLogEvery = 30 * time.Second
+
+// failureLog limits the logging of failures of background work that runs
+// every tick over many queues (the idle poller, the promoter, the rates
+// sampler): a Redis Cluster node that is down for minutes would otherwise
+// log a line per queue per tick. Each kind of failure is logged at most
+// once per failureLogEvery per node. The zero value is ready to use.
+type failureLog struct {
+	mu   sync.Mutex
+	last map[string]time.Time // what + "\x00" + node -> when last logged
+}
+
+// allow reports whether what may be logged for node now, and if so
+// records that it is.
+func (l *failureLog) allow(what, node string) bool {
+	key := what + "\x00" + node
+	now := time.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if at, ok := l.last[key]; ok && now.Sub(at) < failureLogEvery {
+		return false
+	}
+	if l.last == nil {
+		l.last = map[string]time.Time{}
+	}
+	for k, at := range l.last { // forget what no longer fails
+		if now.Sub(at) >= failureLogEvery {
+			delete(l.last, k)
+		}
+	}
+	l.last[key] = now
+	return true
+}
+
+// warn logs err, the failure of what: a *broker.PartialError once per node
+// of its failures (how many queues failed there, and the first of them),
+// any other error once. Cancellations are not logged.
+func (l *failureLog) warn(log *slog.Logger, what string, err error) {
+	if errors.Is(err, context.Canceled) {
+		return
+	}
+	var pe *broker.PartialError
+	if !errors.As(err, &pe) {
+		if l.allow(what, "") {
+			log.Warn(what, "err", err, "repeats_logged_every", failureLogEvery)
+		}
+		return
+	}
+	count := map[string]int{}
+	first := map[string]broker.QueueFailure{}
+	for _, f := range pe.Failures {
+		if count[f.Node] == 0 {
+			first[f.Node] = f
+		}
+		count[f.Node]++
+	}
+	for _, node := range pe.Nodes() {
+		if l.allow(what, node) {
+			f := first[node]
+			log.Warn(what, "redis_node", node, "queues", count[node], "of", pe.Total, "queue", f.Queue, "err", f.Err,
+				"repeats_logged_every", failureLogEvery)
+		}
+	}
+}
+
+// warnQueue logs err, the failure of what on queue, once per node.
+func (l *failureLog) warnQueue(log *slog.Logger, what, node, queue string, err error) {
+	if errors.Is(err, context.Canceled) {
+		return
+	}
+	if l.allow(what, node) {
+		log.Warn(what, "redis_node", node, "queue", queue, "err", err, "repeats_logged_every", failureLogEvery)
 	}
 }
 

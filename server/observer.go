@@ -6,6 +6,9 @@ import (
 	"slices"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
 	"github.com/qbridge/qbridge/server/broker"
 )
@@ -43,7 +46,11 @@ func (noObserver) PubSubDropped(int)                       {}
 // Snapshot returns the stats of the queues this Redis knows (those ListQueues
 // lists), in name order, at most max of them (0: all), and whether there
 // were more. It bypasses authorization: it is for this process's own
-// metrics and dashboard history, not for callers.
+// metrics and dashboard history, not for callers. A queue whose stats
+// cannot be read (on Redis Cluster, one on a node that is down) is left
+// out: the stats of the others come back with an error naming how many
+// failed. Once a node turns out unreachable, its other queues are skipped,
+// so that one dead node costs one timeout, not one per queue.
 func (s *Server) Snapshot(ctx context.Context, max int) (stats []*qbridgev1.GetQueueStatsResponse, truncated bool, err error) {
 	phys, err := s.b.RegisteredQueues(ctx)
 	if err != nil {
@@ -58,12 +65,33 @@ func (s *Server) Snapshot(ctx context.Context, max int) (stats []*qbridgev1.GetQ
 	if max > 0 && len(qs) > max {
 		qs, truncated = qs[:max], true
 	}
+	var firstErr error
+	failed := 0
+	down := map[string]bool{}
 	for _, q := range qs {
+		node := s.b.NodeOf(ctx, q)
+		if node != "" && down[node] {
+			failed++
+			continue
+		}
 		st, err := s.GetQueueStats(ctx, &qbridgev1.GetQueueStatsRequest{Queue: q})
 		if err != nil {
-			return nil, truncated, fmt.Errorf("stats of queue %q: %w", q, err)
+			if ctx.Err() != nil {
+				return stats, truncated, fmt.Errorf("stats of queue %q: %w", q, err)
+			}
+			if status.Code(err) == codes.Unavailable {
+				down[node] = true
+			}
+			failed++
+			if firstErr == nil {
+				firstErr = fmt.Errorf("stats of queue %q: %w", q, err)
+			}
+			continue
 		}
 		stats = append(stats, st)
+	}
+	if failed > 0 {
+		return stats, truncated, fmt.Errorf("the stats of %d of %d queues could not be read; first: %w", failed, len(qs), firstErr)
 	}
 	return stats, truncated, nil
 }

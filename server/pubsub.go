@@ -33,21 +33,32 @@ import (
 //
 // Each stream has a bounded buffer; the hub never waits for a slow stream,
 // it cuts it off.
+//
+// Sharded channels (broker.WithShardedChannels) are subscribed with
+// SSUBSCRIBE on connections of their own, one per hash slot on Redis
+// Cluster (see shardedpubsub.go); their confirmations count towards a
+// stream's readiness like the others. Redis never delivers a sharded
+// channel's messages to a pattern: patterns stay on the shared connection
+// and see classic channels only.
 
 // subscriber is one Subscribe stream.
 type subscriber struct {
-	channels []string // Redis names (prefixed)
-	patterns []string
+	channels  []string // Redis names (prefixed)
+	patterns  []string
+	schannels []string // sharded channels (shardedpubsub.go)
 
 	msgs     chan *qbridgev1.PubSubMessage
 	ready    chan struct{} // closed when all subscriptions are confirmed
 	overflow chan struct{} // closed when the buffer overflowed
+	fail     chan struct{} // closed when a subscription failed (failErr)
 
 	// guarded by hub.mu
 	bytes       int
 	waiting     int // subscriptions not yet confirmed
 	readyClosed bool
 	overflowed  bool
+	failed      bool
+	failErr     error
 }
 
 // subRef is one channel or pattern subscribed on the shared connection.
@@ -65,10 +76,23 @@ type hub struct {
 	// pending holds, per "c:"+name or "p:"+name, the streams whose
 	// SUBSCRIBE for that name is not yet confirmed, in the order sent.
 	pending map[string][]*subscriber
+
+	// Sharded channels (shardedpubsub.go): a group per slot, whose
+	// goroutines wg counts; ctx is the hub's (set by open), closed is set
+	// when run ends.
+	groups map[int]*shardGroup
+	wg     sync.WaitGroup
+	ctx    context.Context
+	closed bool
+	// reloaded is when the slot map was last re-read (guarded by
+	// reloadMu, held while re-reading).
+	reloadMu sync.Mutex
+	reloaded time.Time
 }
 
 func newHub(s *Server) *hub {
-	return &hub{s: s, chans: map[string]*subRef{}, pats: map[string]*subRef{}, pending: map[string][]*subscriber{}}
+	return &hub{s: s, chans: map[string]*subRef{}, pats: map[string]*subRef{}, pending: map[string][]*subscriber{},
+		groups: map[int]*shardGroup{}}
 }
 
 // open creates the shared connection and subscribes the instance's control
@@ -81,6 +105,7 @@ func (h *hub) open(ctx context.Context) {
 	}
 	h.mu.Lock()
 	h.ps = ps
+	h.ctx = ctx
 	h.mu.Unlock()
 }
 
@@ -90,6 +115,7 @@ func (h *hub) run(ctx context.Context) {
 	ps := h.ps
 	h.mu.Unlock()
 	defer ps.Close()
+	defer h.closeShards()
 	ch := ps.ChannelWithSubscriptions(redis.WithChannelSize(1024), redis.WithChannelHealthCheckInterval(10*time.Second))
 	for {
 		select {
@@ -131,6 +157,15 @@ func (h *hub) confirmed(m *redis.Subscription) {
 	} else {
 		h.pending[key] = q[1:]
 	}
+	h.confirmLocked(sub)
+}
+
+// confirmLocked counts one confirmation of sub's; the last makes it ready
+// (unless a subscription of its failed: it then never becomes ready).
+func (h *hub) confirmLocked(sub *subscriber) {
+	if sub.failed {
+		return
+	}
 	sub.waiting--
 	if sub.waiting == 0 && !sub.readyClosed {
 		sub.readyClosed = true
@@ -166,9 +201,14 @@ func (h *hub) fanOut(m *redis.Message) {
 	if r == nil {
 		return
 	}
+	h.deliverLocked(r, msg)
+}
+
+// deliverLocked queues msg for the ready streams of r.
+func (h *hub) deliverLocked(r *subRef, msg *qbridgev1.PubSubMessage) {
 	queued := 0
 	for sub := range r.members {
-		if sub.overflowed || !sub.readyClosed {
+		if sub.overflowed || sub.failed || !sub.readyClosed {
 			continue // not subscribed yet: this was published before
 		}
 		if sub.bytes+len(msg.Payload) > h.s.opts.subscriberBytes && len(sub.msgs) > 0 {
@@ -210,11 +250,22 @@ func (h *hub) cutOffLocked(sub *subscriber) {
 	sub.bytes = 0
 }
 
+// failLocked ends sub because one of its subscriptions failed (err): it
+// lets go of all of them, and its stream ends with err.
+func (h *hub) failLocked(sub *subscriber, err error) {
+	if sub.failed || sub.overflowed {
+		return
+	}
+	sub.failed, sub.failErr = true, err
+	close(sub.fail)
+	h.removeLocked(sub)
+}
+
 // add registers sub and sends its SUBSCRIBE and PSUBSCRIBE.
 func (h *hub) add(ctx context.Context, sub *subscriber) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.ps == nil {
+	if h.ps == nil || h.closed {
 		return fmt.Errorf("pub/sub connection not started")
 	}
 	join := func(name, kind string, refs map[string]*subRef) {
@@ -261,6 +312,9 @@ func (h *hub) add(ctx context.Context, sub *subscriber) error {
 			return fmt.Errorf("psubscribe: %w", err)
 		}
 	}
+	// Last: it cannot fail here (the runners send, and report failures
+	// through sub.fail).
+	h.addShardedLocked(sub)
 	return nil
 }
 
@@ -296,6 +350,7 @@ func (h *hub) removeLocked(sub *subscriber) {
 			gonePats = append(gonePats, p)
 		}
 	}
+	h.removeShardedLocked(sub)
 	if h.ps == nil {
 		return
 	}
@@ -325,12 +380,17 @@ func (s *Server) Subscribe(req *qbridgev1.SubscribeRequest, stream qbridgev1.Que
 		msgs:     make(chan *qbridgev1.PubSubMessage, s.opts.subscriberBuffer),
 		ready:    make(chan struct{}),
 		overflow: make(chan struct{}),
+		fail:     make(chan struct{}),
 	}
 	for _, c := range req.GetChannels() {
 		if err := ValidateName("channel", c); err != nil {
 			return toStatus(invalidError{err})
 		}
-		sub.channels = append(sub.channels, keys.Channel(c))
+		if s.b.IsSharded(c) {
+			sub.schannels = append(sub.schannels, keys.Channel(c))
+		} else {
+			sub.channels = append(sub.channels, keys.Channel(c))
+		}
 	}
 	for _, p := range req.GetPatterns() {
 		if err := ValidatePattern(p); err != nil {
@@ -349,6 +409,8 @@ func (s *Server) Subscribe(req *qbridgev1.SubscribeRequest, stream qbridgev1.Que
 
 	select {
 	case <-sub.ready:
+	case <-sub.fail:
+		return toStatus(sub.failErr)
 	case <-ctx.Done():
 		return toStatus(ctx.Err())
 	case <-s.draining:
@@ -372,6 +434,8 @@ func (s *Server) Subscribe(req *qbridgev1.SubscribeRequest, stream qbridgev1.Que
 			if err := stream.Send(&qbridgev1.SubscribeResponse{Event: &qbridgev1.SubscribeResponse_Message{Message: m}}); err != nil {
 				return err
 			}
+		case <-sub.fail:
+			return toStatus(sub.failErr)
 		case <-sub.overflow:
 			return status.Errorf(codes.ResourceExhausted,
 				"subscriber too slow: more than %d messages or %d bytes waiting to be sent; messages were dropped and the stream is closed. Read faster, or resubscribe",

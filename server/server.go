@@ -635,6 +635,8 @@ func (s *Server) reapLoop(ctx context.Context) {
 		defer cancel()
 		_ = s.b.Heartbeat(hctx, s.instance, counts, 0)
 	}()
+	var known []string // the queue set as last read
+	var fails failureLog
 	for {
 		select {
 		case <-ctx.Done():
@@ -644,10 +646,14 @@ func (s *Server) reapLoop(ctx context.Context) {
 		s.heartbeat(ctx, reported)
 		qs, err := s.b.RegisteredQueues(ctx)
 		if err != nil {
-			if ctx.Err() == nil {
-				s.log.Debug("lease reaper: cannot list queues", "err", err)
+			// On Redis Cluster the set lives on one node: while it is
+			// down, reap the queues last seen (and those consumed here).
+			if ctx.Err() == nil && fails.allow("lease reaper: cannot list queues", s.b.NodeOf(ctx, s.b.Keys().Queues())) {
+				s.log.Warn("lease reaper: cannot list the queues; reaping those it knew", "err", err)
 			}
-			continue
+			qs = slices.Clone(known)
+		} else {
+			known = qs
 		}
 		// Queues consumed here are reaped too, registered or not: a queue
 		// deleted while consumed is unlisted until it is enqueued to or a
@@ -659,12 +665,20 @@ func (s *Server) reapLoop(ctx context.Context) {
 				qs = append(qs, q)
 			}
 		}
+		down := map[string]bool{} // unreachable nodes: their other queues wait for the next tick
 		for _, q := range qs {
+			node := s.b.NodeOf(ctx, q)
+			if down[node] {
+				continue
+			}
 			for {
 				n, err := s.b.ReapExpired(ctx, q, 500)
 				if err != nil {
-					if ctx.Err() == nil {
-						s.log.Warn("lease reaper failed", "queue", q, "err", err)
+					if broker.Unreachable(err) {
+						down[node] = true
+					}
+					if ctx.Err() == nil && fails.allow("lease reaper failed", node) {
+						s.log.Warn("lease reaper failed (logged once per node every 30s)", "queue", q, "node", node, "err", err)
 					}
 					break
 				}

@@ -3,8 +3,10 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 	"hash/fnv"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -145,9 +147,7 @@ func (s *Server) pickShards(queue string, n int, orderingKeys []string, msgs []b
 			key = m.DedupKey
 		}
 		if key != "" {
-			h := fnv.New32a()
-			h.Write([]byte(key))
-			picks[i] = int(h.Sum32() % uint32(n))
+			picks[i] = keyShard(key, n)
 			continue
 		}
 		if turn < 0 {
@@ -159,19 +159,43 @@ func (s *Server) pickShards(queue string, n int, orderingKeys []string, msgs []b
 	return picks
 }
 
+// keyShard maps a key to one of n shards with a jump consistent hash
+// (Lamping and Veach): when n grows, a key either keeps its shard or moves
+// to one of the new ones, so only the share (new-old)/new of the keys move,
+// rather than nearly all of them with a plain modulo.
+func keyShard(key string, n int) int {
+	h := fnv.New64a()
+	h.Write([]byte(key))
+	k := h.Sum64()
+	b, j := int64(-1), int64(0)
+	for j < int64(n) {
+		b = j
+		k = k*2862933555777941757 + 1
+		j = int64(float64(b+1) * (float64(int64(1)<<31) / float64((k>>33)+1)))
+	}
+	return int(b)
+}
+
 // enqueueSharded enqueues msgs on the shards of a sharded queue, one call
 // per shard, concurrently, and merges the answers in message order.
 func (s *Server) enqueueSharded(ctx context.Context, shards []string, waitForRoom bool, orderingKeys []string, msgs []broker.NewMessage) (broker.EnqueueResult, error) {
 	picks := s.pickShards(shards[0], len(shards), orderingKeys, msgs)
+	dups, err := s.earlierDuplicates(ctx, shards, orderingKeys, msgs, picks)
+	if err != nil {
+		return broker.EnqueueResult{}, err
+	}
 	groups := map[int][]int{}
 	var order []int
 	for i, p := range picks {
+		if dups[i] != "" {
+			continue
+		}
 		if _, ok := groups[p]; !ok {
 			order = append(order, p)
 		}
 		groups[p] = append(groups[p], i)
 	}
-	if len(order) == 1 {
+	if len(order) == 1 && len(groups[order[0]]) == len(msgs) {
 		return s.enqueueTo(ctx, shards[order[0]], waitForRoom, msgs)
 	}
 	results := make([]broker.EnqueueResult, len(order))
@@ -186,7 +210,11 @@ func (s *Server) enqueueSharded(ctx context.Context, shards []string, waitForRoo
 	}
 	wg.Wait()
 	res := broker.EnqueueResult{IDs: make([]string, len(msgs)), Duplicate: make([]bool, len(msgs))}
-	var err error
+	for i, id := range dups {
+		if id != "" {
+			res.IDs[i], res.Duplicate[i] = id, true
+		}
+	}
 	for g, p := range order {
 		r := results[g]
 		for j, i := range groups[p] {
@@ -203,7 +231,58 @@ func (s *Server) enqueueSharded(ctx context.Context, shards []string, waitForRoo
 			err = e
 		}
 	}
+	if err != nil && !errors.Is(err, broker.ErrNotReplicated) {
+		// Each shard's part is all or nothing, the whole is not: say which
+		// messages were enqueued, so that the caller retries only the rest.
+		var written []string
+		for g, p := range order {
+			if errs[g] == nil || errors.Is(errs[g], broker.ErrNotReplicated) {
+				for _, i := range groups[p] {
+					written = append(written, "messages["+itoa(i)+"]")
+				}
+			}
+		}
+		if len(written) > 0 {
+			err = fmt.Errorf("%w; the batch spans shards (by its ordering or dedup keys) and is all-or-nothing per shard only: %s were enqueued on other shards, the others were not (retry only those, or retry all with dedup keys)", err, strings.Join(written, ", "))
+		}
+	}
 	return res, err
+}
+
+// earlierDuplicates finds, for messages with a dedup key, an earlier message
+// with that key in a shard the key mapped to before the queue grew: the
+// enqueue script checks dedup keys in the shard it writes to, and a key that
+// moved to a new shard would otherwise be accepted again. With a jump hash a
+// key has used only a few shards (about ln of the count), and a lookup is
+// needed only for keys whose shard changed. Returns the earlier ids ("": none).
+func (s *Server) earlierDuplicates(ctx context.Context, shards []string, orderingKeys []string, msgs []broker.NewMessage, picks []int) ([]string, error) {
+	dups := make([]string, len(msgs))
+	for i, m := range msgs {
+		if m.DedupKey == "" {
+			continue
+		}
+		route := orderingKeys[i]
+		if route == "" {
+			route = m.DedupKey
+		}
+		seen := map[int]bool{picks[i]: true}
+		for n := len(shards) - 1; n >= 1; n-- {
+			b := keyShard(route, n)
+			if seen[b] {
+				continue
+			}
+			seen[b] = true
+			id, ok, err := s.b.DedupLookup(ctx, shards[b], m.DedupKey)
+			if err != nil {
+				return nil, err
+			}
+			if ok {
+				dups[i] = id
+				break
+			}
+		}
+	}
+	return dups, nil
 }
 
 // physicalQueues expands a Consume's queues (priority order) into the

@@ -47,6 +47,7 @@ type Config struct {
 	RedisKey         string
 	KeyPrefix        string
 	RawQueues        []string
+	ShardedChannels  []string
 	MaxPayloadBytes  int
 	MaxBatch         int
 	MaxInFlight      int
@@ -190,6 +191,9 @@ var flagDefs = []flagDef{
 	{"raw-queues", "q1,q2", "",
 		"Comma-separated queues in raw mode: their Redis lists hold bare payloads that plain Redis clients (BLPOP) can read; such messages carry no headers.",
 		func(c *Config) flag.Value { return (*listValue)(&c.RawQueues) }},
+	{"sharded-channels", "c1,p*", "",
+		"Comma-separated pub/sub channels, or glob patterns of channels (* ? [abc] as in Subscribe patterns), that are sharded (Redis 7): published with SPUBLISH and subscribed with SSUBSCRIBE, so that on Redis Cluster each lives on the master of its slot instead of being broadcast to every node, and Publish's receiver count is exact. Subscribe patterns do not see them; plain Redis clients use SPUBLISH and SSUBSCRIBE for them. Needs --redis-url.",
+		func(c *Config) flag.Value { return (*listValue)(&c.ShardedChannels) }},
 	{"max-payload-bytes", "bytes", "1048576",
 		"Largest payload of one message or publish.",
 		func(c *Config) flag.Value { return (*intValue)(&c.MaxPayloadBytes) }},
@@ -407,6 +411,14 @@ func (c *Config) validate() error {
 		if err := server.ValidateName("queue", q); err != nil {
 			bad("raw-queues", "has a bad entry: %v", err)
 		}
+	}
+	for _, p := range c.ShardedChannels {
+		if err := server.ValidatePattern(p); err != nil {
+			bad("sharded-channels", "has a bad entry: %v", err)
+		}
+	}
+	if len(c.ShardedChannels) > 0 && c.RedisURL == "" && !c.PrintRedisACL {
+		bad("sharded-channels", "needs --redis-url: the embedded engine has no sharded pub/sub (SPUBLISH, SSUBSCRIBE)")
 	}
 	if c.MaxPayloadBytes <= 0 || c.MaxPayloadBytes > maxPayloadLimit {
 		bad("max-payload-bytes", "must be between 1 and %d (512 MiB, the largest Redis string), got %d", maxPayloadLimit, c.MaxPayloadBytes)

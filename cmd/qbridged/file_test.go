@@ -60,6 +60,8 @@ func TestConfigFileValueKinds(t *testing.T) {
 		{"list", `raw-queues = ["legacy", "imports"]`, func(c *Config) any { return c.RawQueues }, []string{"legacy", "imports"}},
 		{"list as a comma string", `raw-queues = "legacy, imports"`, func(c *Config) any { return c.RawQueues }, []string{"legacy", "imports"}},
 		{"empty list", `raw-queues = []`, func(c *Config) any { return c.RawQueues }, []string(nil)},
+		{"list of patterns", "redis-url = \"redis://127.0.0.1:6379\"\nplaintext = true\n" + `sharded-channels = ["metrics.*", "prices"]`,
+			func(c *Config) any { return c.ShardedChannels }, []string{"metrics.*", "prices"}},
 		{"level", `log-level = "debug"`, func(c *Config) any { return c.LogLevel }, slog.LevelDebug},
 		{"format", `log-format = "json"`, func(c *Config) any { return c.LogFormat }, "json"},
 		{"comment and blank lines", "# qbridged\n\nmax-in-flight = 64 # per stream\n", func(c *Config) any { return c.MaxInFlight }, 64},

@@ -117,6 +117,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	b := broker.New(rdb,
 		broker.WithKeyPrefix(cfg.KeyPrefix),
 		broker.WithRawQueues(cfg.rawQueueSet()),
+		broker.WithShardedChannels(cfg.ShardedChannels...),
 		broker.WithBlockingClient(blocking),
 		broker.WithDefaults(broker.Policy{
 			MaxAttempts:       cfg.MaxAttempts,

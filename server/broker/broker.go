@@ -7,6 +7,8 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -19,6 +21,7 @@ type Broker struct {
 	blocking redis.UniversalClient
 	keys     Keys
 	isRaw    func(queue string) bool
+	sharded  *channelMatcher // WithShardedChannels (pubsub.go); nil: none
 	defaults Policy
 	// resultRetention is how long kept results live.
 	resultRetention time.Duration
@@ -115,9 +118,40 @@ func (b *Broker) IsRaw(queue string) bool { return b.isRaw(Logical(queue)) }
 // Defaults returns the server-wide default policy.
 func (b *Broker) Defaults() Policy { return b.defaults }
 
-// Ping checks that Redis answers.
+// Ping checks that Redis answers. On Redis Cluster it pings every master
+// and succeeds when any answers: with one master down the queues of the
+// others keep working (see partial.go), and the instance should keep
+// serving them rather than refuse every call.
 func (b *Broker) Ping(ctx context.Context) error {
-	return wrap(b.rdb.Ping(ctx).Err(), "ping")
+	cc, ok := b.rdb.(*redis.ClusterClient)
+	if !ok {
+		return wrap(b.rdb.Ping(ctx).Err(), "ping")
+	}
+	var up atomic.Int32
+	var mu sync.Mutex
+	var firstErr error
+	err := cc.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
+		if err := c.Ping(ctx).Err(); err != nil {
+			mu.Lock()
+			if firstErr == nil {
+				firstErr = fmt.Errorf("master %s: %w", c.Options().Addr, err)
+			}
+			mu.Unlock()
+			return nil
+		}
+		up.Add(1)
+		return nil
+	})
+	if up.Load() > 0 {
+		return nil
+	}
+	if firstErr == nil {
+		firstErr = err
+	}
+	if firstErr == nil {
+		firstErr = errors.New("the cluster reports no master")
+	}
+	return wrap(firstErr, "ping")
 }
 
 // LoadScripts loads every Lua script into the Redis script cache.
@@ -430,9 +464,13 @@ func (b *Broker) WaitReady(ctx context.Context, queue string, timeout time.Durat
 
 // ReadyLengths returns the length of each queue's ready list, pipelined in
 // chunks of 1000 (one round trip per chunk). A key that holds something
-// other than a list counts as length 1.
+// other than a list counts as length 1. Queues that cannot be read (on
+// Redis Cluster, those of a node that is down) are reported by a
+// *PartialError (see partial.go); the lengths of the others are returned
+// with it.
 func (b *Broker) ReadyLengths(ctx context.Context, queues []string) ([]int64, error) {
 	out := make([]int64, len(queues))
+	errs := make([]error, len(queues))
 	for start := 0; start < len(queues); start += 1000 {
 		chunk := queues[start:min(start+1000, len(queues))]
 		cmds := make([]*redis.IntCmd, len(chunk))
@@ -448,12 +486,13 @@ func (b *Broker) ReadyLengths(ctx context.Context, queues []string) ([]int64, er
 					out[start+i] = 1 // not a list: let its dispatcher find out
 					continue
 				}
-				return nil, wrap(err, "read queue lengths")
+				errs[start+i] = err
+				continue
 			}
 			out[start+i] = c.Val()
 		}
 	}
-	return out, nil
+	return out, b.partial(ctx, "read queue lengths", queues, func(i int) error { return errs[i] })
 }
 
 // Ack settles leases for good. results[i], when non-nil, is kept as the
@@ -644,25 +683,27 @@ func (b *Broker) FirstDelayed(ctx context.Context, queue string) (time.Time, err
 }
 
 // FirstDelayedMany returns the due time of each queue's earliest delayed
-// message (zero: none), in one round trip.
+// message (zero: none), in one round trip. Queues that cannot be read are
+// reported by a *PartialError (see partial.go); the due times of the
+// others are returned with it.
 func (b *Broker) FirstDelayedMany(ctx context.Context, queues []string) ([]time.Time, error) {
 	cmds := make([]*redis.ZSliceCmd, len(queues))
-	_, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, _ = b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, q := range queues {
 			cmds[i] = p.ZRangeWithScores(ctx, b.keys.Delayed(q), 0, 0)
 		}
 		return nil
 	})
-	if err != nil && !errors.Is(err, redis.Nil) {
-		return nil, wrap(err, "read delayed messages")
-	}
 	out := make([]time.Time, len(queues))
 	for i, c := range cmds {
+		if c.Err() != nil {
+			continue
+		}
 		if zs := c.Val(); len(zs) > 0 {
 			out[i] = time.UnixMilli(int64(zs[0].Score))
 		}
 	}
-	return out, nil
+	return out, b.partial(ctx, "read delayed messages", queues, func(i int) error { return cmds[i].Err() })
 }
 
 // RegisterQueue records queues in the set of known queues.
@@ -808,33 +849,42 @@ func parseCounters(vals []any) Counters {
 }
 
 // ReadCounters reads the counters of many queues in one round trip.
+// Queues that cannot be read are reported by a *PartialError (see
+// partial.go); the counters of the others are returned with it.
 func (b *Broker) ReadCounters(ctx context.Context, queues []string) ([]Counters, error) {
 	cmds := make([]*redis.SliceCmd, len(queues))
-	_, err := b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, _ = b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, q := range queues {
 			cmds[i] = p.HMGet(ctx, b.keys.Counters(q), counterFields...)
 		}
 		return nil
 	})
-	if err != nil && !errors.Is(err, redis.Nil) {
-		return nil, wrap(err, "read counters")
-	}
 	out := make([]Counters, len(queues))
 	for i, c := range cmds {
-		out[i] = parseCounters(c.Val())
+		if c.Err() == nil {
+			out[i] = parseCounters(c.Val())
+		}
 	}
-	return out, nil
+	return out, b.partial(ctx, "read counters", queues, func(i int) error { return cmds[i].Err() })
 }
 
-// Publish sends payload on channel and returns what Redis PUBLISH returns.
-// Concurrent calls are merged into shared pipelines, in the order they were
-// made (see coalesce.go).
+// Publish sends payload on channel and returns what Redis PUBLISH returns
+// (SPUBLISH for a sharded channel, see pubsub.go). Concurrent calls are
+// merged into shared pipelines, in the order they were made (see
+// coalesce.go).
 func (b *Broker) Publish(ctx context.Context, channel string, payload []byte) (int64, error) {
+	sharded := b.IsSharded(channel)
 	if b.publishes == nil {
-		n, err := b.rdb.Publish(ctx, b.keys.Channel(channel), payload).Result()
+		var cmd *redis.IntCmd
+		if sharded {
+			cmd = b.rdb.SPublish(ctx, b.keys.Channel(channel), payload)
+		} else {
+			cmd = b.rdb.Publish(ctx, b.keys.Channel(channel), payload)
+		}
+		n, err := cmd.Result()
 		return n, wrap(err, "publish to %q", channel)
 	}
-	c := &publishCall{ctx: ctx, channel: channel, payload: payload, done: make(chan struct{})}
+	c := &publishCall{ctx: ctx, channel: channel, payload: payload, sharded: sharded, done: make(chan struct{})}
 	b.publishes.submit(c)
 	select {
 	case <-c.done:
@@ -844,7 +894,8 @@ func (b *Broker) Publish(ctx context.Context, channel string, payload []byte) (i
 	}
 }
 
-// PubSub opens the connection that Subscribe streams share.
+// PubSub opens the connection that Subscribe streams share for classic
+// channels and patterns (sharded channels: ShardedPubSub).
 func (b *Broker) PubSub(ctx context.Context) *redis.PubSub {
 	return b.blocking.Subscribe(ctx)
 }

@@ -282,12 +282,7 @@ func (b *Broker) runMany(ctx context.Context, runs []scriptRun) {
 				return // the NOSCRIPT errors stand
 			}
 		}
-		_, _ = b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for _, r := range todo {
-				r.cmd = b.evalSha(ctx, p, r.script, r.queue, r.args...)
-			}
-			return nil
-		})
+		b.pipelineScripts(ctx, todo)
 		for _, r := range todo {
 			r.err = r.cmd.Err()
 			if errors.Is(r.err, redis.Nil) {
@@ -295,6 +290,45 @@ func (b *Broker) runMany(ctx context.Context, runs []scriptRun) {
 			}
 		}
 	}
+}
+
+// pipelineScripts sends runs in a pipeline. On Redis Cluster it sends one
+// pipeline per slot (those of different slots at once): when the first
+// reply a node sends for a pipeline is retryable (TRYAGAIN while a slot
+// migrates, say), go-redis sends all of that node's commands again, and
+// the ones that had run would run twice (an enqueue stored twice). The
+// commands of one slot fail alike, so a slot's pipeline is safe to resend.
+func (b *Broker) pipelineScripts(ctx context.Context, runs []*scriptRun) {
+	send := func(rs []*scriptRun) {
+		_, _ = b.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for _, r := range rs {
+				r.cmd = b.evalSha(ctx, p, r.script, r.queue, r.args...)
+			}
+			return nil
+		})
+	}
+	if _, ok := b.rdb.(*redis.ClusterClient); !ok {
+		send(runs)
+		return
+	}
+	bySlot := map[int][]*scriptRun{}
+	var slots []int
+	for _, r := range runs {
+		sl := Slot(b.keys.Ready(r.queue))
+		if _, ok := bySlot[sl]; !ok {
+			slots = append(slots, sl)
+		}
+		bySlot[sl] = append(bySlot[sl], r)
+	}
+	if len(slots) == 1 {
+		send(runs)
+		return
+	}
+	var wg sync.WaitGroup
+	for _, sl := range slots {
+		wg.Go(func() { send(bySlot[sl]) })
+	}
+	wg.Wait()
 }
 
 func isNoScript(err error) bool {
@@ -315,6 +349,7 @@ type publishCall struct {
 	ctx     context.Context
 	channel string
 	payload []byte
+	sharded bool // SPUBLISH (WithShardedChannels)
 	n       int64
 	err     error
 	done    chan struct{}
@@ -323,7 +358,7 @@ type publishCall struct {
 func publishCallSize(c *publishCall) (int, int) { return 1, len(c.payload) }
 
 // flushPublishes sends a batch of publishes in one pipeline, in the order
-// they were made.
+// they were made (PUBLISH, or SPUBLISH for a sharded channel).
 func (b *Broker) flushPublishes(calls []*publishCall) {
 	defer func() {
 		for _, c := range calls {
@@ -349,7 +384,11 @@ func (b *Broker) flushPublishes(calls []*publishCall) {
 			if c.ctx.Err() != nil {
 				continue
 			}
-			cmds[i] = p.Publish(ctx, b.keys.Channel(c.channel), c.payload)
+			if c.sharded {
+				cmds[i] = p.SPublish(ctx, b.keys.Channel(c.channel), c.payload)
+			} else {
+				cmds[i] = p.Publish(ctx, b.keys.Channel(c.channel), c.payload)
+			}
 		}
 		return nil
 	})

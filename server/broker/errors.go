@@ -48,6 +48,11 @@ func isConnError(err error) bool {
 		errors.As(err, &ne), errors.As(err, &oe):
 		return true
 	}
+	if isRedirect(err) {
+		// go-redis ran out of attempts following a slot that moves
+		// (resharding, failover): nothing ran, and a retry can succeed.
+		return true
+	}
 	msg := err.Error()
 	for _, s := range []string{"connection pool timeout", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "connection refused", "broken pipe", "i/o timeout"} {
 		if strings.Contains(msg, s) {

@@ -774,11 +774,24 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 `)
 
+// dedupLookupScript returns the id of the message enqueued with dedup key
+// ARGV[1] if its window has not ended, else false.
+//
+//	KEYS[1] dedup hash   KEYS[2] dedup expiry zset
+var dedupLookupScript = redis.NewScript(`
+local id = redis.call('HGET', KEYS[1], ARGV[1])
+local till = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not id or not till then return false end
+local t = redis.call('TIME')
+if tonumber(till) <= tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then return false end
+return id
+`)
+
 var allScripts = []*redis.Script{
 	heartbeatScript,
 	enqueueScript, claimScript, popScript, settleScript, ackClaimScript, nackScript, extendScript,
 	reapScript, promoteScript, purgeScript, replayScript, deleteDeadScript, deleteQueueScript,
-	growShardsScript,
+	growShardsScript, dedupLookupScript,
 }
 
 // heartbeatScript records how many Consume streams one instance has open on a

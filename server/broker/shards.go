@@ -28,9 +28,9 @@ import (
 // shards when the shard is created: shards spread over the masters instead
 // of wherever their hashes fall. Elsewhere the suffix is just "<i>".
 //
-// Shards are only ever added. An instance with a stale view of a queue's
-// shards therefore only ever uses shards that exist and are drained; and
-// ordering keys keep their shard until the count grows.
+// Shards are only ever added, and stay in the table when the queue is
+// deleted. An instance with a stale view of a queue's shards therefore only
+// ever uses shards that exist and are drained.
 
 // ShardSep separates a sharded queue's name from a shard's suffix.
 const ShardSep = "#"
@@ -54,10 +54,15 @@ func ShardIndex(physical string) (int, bool) {
 	if i < 0 {
 		return 0, true
 	}
-	num, _, _ := strings.Cut(physical[i+1:], ".")
+	num, salt, salted := strings.Cut(physical[i+1:], ".")
 	n, err := strconv.Atoi(num)
 	if err != nil || n < 1 || n >= MaxShards || strconv.Itoa(n) != num {
 		return 0, false
+	}
+	if salted {
+		if v, err := strconv.Atoi(salt); err != nil || v < 0 || strconv.Itoa(v) != salt {
+			return 0, false
+		}
 	}
 	return n, true
 }
@@ -154,12 +159,6 @@ func (b *Broker) GrowShards(ctx context.Context, q string, n int, prepare func(m
 	return nil, fmt.Errorf("shards of %q: too many concurrent changes; retry", q)
 }
 
-// ForgetShards removes queue q from the shard table (after DeleteQueue of
-// every shard).
-func (b *Broker) ForgetShards(ctx context.Context, q string) error {
-	return wrap(b.rdb.HDel(ctx, b.keys.Shards(), q).Err(), "forget shards of %q", q)
-}
-
 // placeShards names the shards len(have)..n-1 of the queue have[0].
 func (b *Broker) placeShards(ctx context.Context, have []string, n int) ([]string, error) {
 	q := have[0]
@@ -224,4 +223,18 @@ func (b *Broker) placeShards(ctx context.Context, have []string, n int) ([]strin
 		more = append(more, name)
 	}
 	return more, nil
+}
+
+// DedupLookup returns the id of the message enqueued on queue with dedup
+// key key, if the key's window has not ended. A sharded queue checks the
+// shards a key used before the queue grew (see server/shards.go).
+func (b *Broker) DedupLookup(ctx context.Context, queue, key string) (id string, ok bool, err error) {
+	id, err = dedupLookupScript.Run(ctx, b.rdb, []string{b.keys.Dedup(queue), b.keys.DedupExpiry(queue)}, key).Text()
+	if errors.Is(err, redis.Nil) {
+		return "", false, nil
+	}
+	if err != nil {
+		return "", false, wrap(err, "look up dedup key of %q", queue)
+	}
+	return id, true, nil
 }

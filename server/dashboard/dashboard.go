@@ -249,8 +249,9 @@ func (d *Dashboard) sampleOnce(ctx context.Context) {
 	}
 	if err != nil {
 		if d.hist.failed(err) {
-			d.log.Warn("dashboard: queue history sampling failed; the charts stop until it recovers", "err", err)
+			d.log.Warn("dashboard: queue history sampling failed; the charts of the queues it could not read stop until it recovers", "err", err)
 		}
+		d.hist.recordPartial(time.Now(), stats) // the queues that could be read
 		return
 	}
 	if d.hist.record(time.Now(), stats, truncated) {

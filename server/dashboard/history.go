@@ -63,6 +63,27 @@ func newHistory(capacity int) *history {
 func (h *history) record(now time.Time, stats []*qbridgev1.GetQueueStatsResponse, truncated bool) (recovered bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	seen := h.addLocked(now, stats)
+	for q := range h.byQueue {
+		if !seen[q] {
+			delete(h.byQueue, q)
+		}
+	}
+	h.truncated = truncated
+	recovered, h.failing = h.failing, false
+	return recovered
+}
+
+// recordPartial records the queues a failed snapshot could read, keeping
+// the history of the others (their node may come back).
+func (h *history) recordPartial(now time.Time, stats []*qbridgev1.GetQueueStatsResponse) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.addLocked(now, stats)
+}
+
+// addLocked adds a sample of each queue in stats and returns their names.
+func (h *history) addLocked(now time.Time, stats []*qbridgev1.GetQueueStatsResponse) map[string]bool {
 	seen := make(map[string]bool, len(stats))
 	for _, st := range stats {
 		q := st.GetQueue()
@@ -77,14 +98,7 @@ func (h *history) record(now time.Time, stats []*qbridgev1.GetQueueStatsResponse
 			Enqueued: st.GetCounters().GetEnqueued(), Acked: st.GetCounters().GetAcked(),
 		})
 	}
-	for q := range h.byQueue {
-		if !seen[q] {
-			delete(h.byQueue, q)
-		}
-	}
-	h.truncated = truncated
-	recovered, h.failing = h.failing, false
-	return recovered
+	return seen
 }
 
 // failed notes a failed sampling; it reports whether this is the first

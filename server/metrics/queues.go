@@ -63,12 +63,18 @@ func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	f := c.fetch()
+	// A failed snapshot may still hold the stats of some queues (those on
+	// the Redis Cluster nodes that answered): they are reported, with
+	// qbridge_redis_up 0.
 	if f.err != nil {
 		ch <- prometheus.MustNewConstMetric(c.redisUp, prometheus.GaugeValue, 0)
 		ch <- prometheus.MustNewConstMetric(c.scrapeErrors, prometheus.CounterValue, float64(c.errors.Load()))
-		return
+		if len(f.stats) == 0 {
+			return
+		}
+	} else {
+		ch <- prometheus.MustNewConstMetric(c.redisUp, prometheus.GaugeValue, 1)
 	}
-	ch <- prometheus.MustNewConstMetric(c.redisUp, prometheus.GaugeValue, 1)
 	ch <- prometheus.MustNewConstMetric(c.scrapeErrors, prometheus.CounterValue, float64(c.errors.Load()))
 	ch <- prometheus.MustNewConstMetric(c.truncated, prometheus.GaugeValue, b2f(f.truncated))
 	seen := make(map[string]bool, len(f.stats))

@@ -61,7 +61,10 @@ type QueueServiceClient interface {
 	// or the server is shutting down.
 	Enqueue(ctx context.Context, in *EnqueueRequest, opts ...grpc.CallOption) (*EnqueueResponse, error)
 	// EnqueueBatch appends many messages to one queue atomically: either all of
-	// them are enqueued, in order, or none is.
+	// them are enqueued, in order, or none is. On a sharded queue this holds
+	// per shard: a batch whose ordering or dedup keys spread it over several
+	// shards can fail on one after succeeding on others, and the error then
+	// lists the messages that were enqueued.
 	EnqueueBatch(ctx context.Context, in *EnqueueBatchRequest, opts ...grpc.CallOption) (*EnqueueBatchResponse, error)
 	// Consume streams deliveries from a queue.
 	//
@@ -278,7 +281,10 @@ type QueueServiceServer interface {
 	// or the server is shutting down.
 	Enqueue(context.Context, *EnqueueRequest) (*EnqueueResponse, error)
 	// EnqueueBatch appends many messages to one queue atomically: either all of
-	// them are enqueued, in order, or none is.
+	// them are enqueued, in order, or none is. On a sharded queue this holds
+	// per shard: a batch whose ordering or dedup keys spread it over several
+	// shards can fail on one after succeeding on others, and the error then
+	// lists the messages that were enqueued.
 	EnqueueBatch(context.Context, *EnqueueBatchRequest) (*EnqueueBatchResponse, error)
 	// Consume streams deliveries from a queue.
 	//

@@ -15,9 +15,11 @@
 //	                       With an empty prefix the queue names are arbitrary
 //	                       keys and the rule is just ~* (Redis refuses a
 //	                       pattern after ~*).
-//	resetchannels &P*      pub/sub channel C is the Redis channel "P C";
-//	                       qbridge's own channels are "P{qbridge}:..."
-//	                       (instance control, events, stored results).
+//	resetchannels &P*      pub/sub channel C is the Redis channel "P C",
+//	                       classic or sharded (SPUBLISH, SSUBSCRIBE: Redis
+//	                       checks them against the same rules); qbridge's
+//	                       own channels are "P{qbridge}:..." (instance
+//	                       control, events, stored results).
 //	-@all +cmd ...         the commands in Commands, nothing else: no
 //	                       FLUSHALL, KEYS, CONFIG, SCRIPT FLUSH, DEBUG, ...
 //
@@ -51,6 +53,10 @@
 //   - Keys under the prefix are not qbridge's alone: any key matching ~P*
 //     or ~{P* is reachable. Give qbridge a prefix of its own to keep it
 //     away from other data.
+//   - SPUBLISH, SSUBSCRIBE and SUNSUBSCRIBE (sharded channels) came with
+//     Redis 7.0. Redis 6.2 refuses an ACL rule naming a command it does not
+//     know, so the rule set as a whole needs Redis 7.0 or later; for 6.2,
+//     leave those three out (and do not use sharded channels).
 //   - go-redis sends CLIENT SETINFO (library name and version) on every
 //     new connection unless its options say DisableIdentity, and ignores a
 //     refusal. qbridged disables it; Redis before 7.2 does not know the
@@ -136,6 +142,9 @@ var Commands = []string{
 	"psubscribe",   // Subscribe streams with patterns
 	"unsubscribe",  // a Subscribe stream ends
 	"punsubscribe", // a pattern Subscribe stream ends
+	"spublish",     // Publish to a sharded channel (--sharded-channels; Redis 7)
+	"ssubscribe",   // Subscribe streams on sharded channels
+	"sunsubscribe", // a Subscribe stream on a sharded channel ends
 }
 
 // ClusterCommands lists what qbridge needs on Redis Cluster besides
@@ -144,6 +153,7 @@ var Commands = []string{
 var ClusterCommands = []string{
 	"cluster|slots", // which node serves which slot, at start-up and after a MOVED or a failure
 	"command",       // the command table (key positions, routing tips), once per client; metadata only
+	"asking",        // sent before following an ASK redirection while a slot migrates
 }
 
 // ClusterRules returns Rules(prefix) with ClusterCommands added: the ACL

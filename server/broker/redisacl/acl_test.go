@@ -176,6 +176,13 @@ func TestRealRedis(t *testing.T) {
 	if err := c.Publish(ctx, "x", "hi").Err(); !noPerm(err) {
 		t.Errorf("PUBLISH x: %v; want NOPERM", err)
 	}
+	// Sharded channels (Redis 7) fall under the same channel rules.
+	if err := c.SPublish(ctx, "app:c", "hi").Err(); err != nil {
+		t.Errorf("SPUBLISH app:c: %v", err)
+	}
+	if err := c.SPublish(ctx, "x", "hi").Err(); !noPerm(err) {
+		t.Errorf("SPUBLISH x: %v; want NOPERM", err)
+	}
 
 	// Scripts: their commands and keys are checked too.
 	if err := c.Eval(ctx, "return redis.call('RPUSH', KEYS[1], 'm')", []string{"{app:q}:qb:y"}).Err(); err != nil {
@@ -217,6 +224,28 @@ func TestRealRedis(t *testing.T) {
 	}
 	if err := sub(true, "app:news.*"); !noPerm(err) {
 		t.Errorf("PSUBSCRIBE app:news.*: %v; want NOPERM (Redis matches patterns literally)", err)
+	}
+	ssub := func(name string) error {
+		ps := c.SSubscribe(ctx)
+		defer ps.Close()
+		if err := ps.SSubscribe(ctx, name); err != nil {
+			return err
+		}
+		if _, err := ps.Receive(ctx); err != nil {
+			return err
+		}
+		// And the stream end's SUNSUBSCRIBE.
+		if err := ps.SUnsubscribe(ctx, name); err != nil {
+			return err
+		}
+		_, err := ps.Receive(ctx)
+		return err
+	}
+	if err := ssub("app:c"); err != nil {
+		t.Errorf("SSUBSCRIBE and SUNSUBSCRIBE app:c: %v", err)
+	}
+	if err := ssub("x"); !noPerm(err) {
+		t.Errorf("SSUBSCRIBE x: %v; want NOPERM", err)
 	}
 
 	// Glob characters of the prefix are literal.
@@ -260,7 +289,7 @@ func TestClusterRules(t *testing.T) {
 		}
 	}
 	for _, prefix := range []string{"", "app:"} {
-		want := append(redisacl.Rules(prefix), "+cluster|slots", "+command")
+		want := append(redisacl.Rules(prefix), "+cluster|slots", "+command", "+asking")
 		if got := redisacl.ClusterRules(prefix); !slices.Equal(got, want) {
 			t.Errorf("ClusterRules(%q) = %q, want %q", prefix, got, want)
 		}
@@ -268,7 +297,7 @@ func TestClusterRules(t *testing.T) {
 			t.Errorf("ClusterConfigLine = %s, want %s", got, want)
 		}
 		args := redisacl.ClusterSetUser("svc", "pw", prefix)
-		if len(args) != 5+len(want) || args[len(args)-1] != "+command" || args[2] != "svc" || args[4] != ">pw" {
+		if len(args) != 5+len(want) || args[len(args)-1] != "+asking" || args[2] != "svc" || args[4] != ">pw" {
 			t.Errorf("ClusterSetUser = %v", args)
 		}
 	}

@@ -120,7 +120,10 @@ class QueueServiceServicer(object):
 
     def EnqueueBatch(self, request, context):
         """EnqueueBatch appends many messages to one queue atomically: either all of
-        them are enqueued, in order, or none is.
+        them are enqueued, in order, or none is. On a sharded queue this holds
+        per shard: a batch whose ordering or dedup keys spread it over several
+        shards can fail on one after succeeding on others, and the error then
+        lists the messages that were enqueued.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

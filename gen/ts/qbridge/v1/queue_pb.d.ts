@@ -1460,7 +1460,10 @@ export declare const QueueService: GenService<{
   },
   /**
    * EnqueueBatch appends many messages to one queue atomically: either all of
-   * them are enqueued, in order, or none is.
+   * them are enqueued, in order, or none is. On a sharded queue this holds
+   * per shard: a batch whose ordering or dedup keys spread it over several
+   * shards can fail on one after succeeding on others, and the error then
+   * lists the messages that were enqueued.
    *
    * @generated from rpc qbridge.v1.QueueService.EnqueueBatch
    */
