@@ -561,6 +561,7 @@ func (d *dispatcher) run() {
 		if err == nil && !got {
 			// The queue is empty: wait until it is not (see idle.go).
 			err = d.waitReady(ctx)
+			d.mayHave = true
 		}
 		if err != nil {
 			if ctx.Err() != nil {
@@ -664,6 +665,9 @@ func (d *dispatcher) fillMany(ctx context.Context, cs []*consumer) (got bool, re
 		}
 	}
 	defer func() {
+		if remaining >= 0 {
+			d.mayHave = remaining > 0
+		}
 		if remaining == 0 {
 			d.emptied()
 		}
