@@ -70,7 +70,12 @@ func freePort() (int, error) {
 }
 
 // StartRedis starts a private redis-server and waits until it answers.
-func StartRedis(ctx context.Context) (*RedisProc, error) {
+func StartRedis(ctx context.Context) (*RedisProc, error) { return startRedis(ctx, nil) }
+
+// startRedis is StartRedis with more arguments for redis-server: extra, if
+// not nil, returns them for each attempt on a port (a fresh cluster bus
+// port, say).
+func startRedis(ctx context.Context, extra func(port int) ([]string, error)) (*RedisProc, error) {
 	bin := FindRedisServer()
 	if bin == "" {
 		return nil, ErrNoRedisServer
@@ -86,11 +91,19 @@ func StartRedis(ctx context.Context) (*RedisProc, error) {
 			lastErr = err
 			continue
 		}
-		out := &syncBuffer{}
-		cmd := exec.Command(bin,
-			"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+		args := []string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
 			"--save", "", "--appendonly", "no", "--dir", dir,
-			"--daemonize", "no", "--loglevel", "warning")
+			"--daemonize", "no", "--loglevel", "warning"}
+		if extra != nil {
+			more, err := extra(port)
+			if err != nil {
+				lastErr = err
+				continue
+			}
+			args = append(args, more...)
+		}
+		out := &syncBuffer{}
+		cmd := exec.Command(bin, args...)
 		cmd.Stdout, cmd.Stderr = out, out
 		if err := cmd.Start(); err != nil {
 			_ = os.RemoveAll(dir)

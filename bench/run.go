@@ -29,8 +29,18 @@ type Config struct {
 	Rate        int
 	Window      int
 	DrainMin    int
-	Scenarios   map[string]bool // nil: all of enqueue,batch,drain,latency,pubsub,idle
+	Scenarios   map[string]bool // nil: all of enqueue,batch,drain,latency,pubsub,idle,shards
 	Progress    io.Writer       // may be nil
+
+	// The shards scenario (shards.go); zero values take its defaults.
+	ShardMasters   []int         // cluster sizes (masters), default 1,2,3
+	ShardPayloads  []int         // payload sizes, default 100,4096 (not Payloads)
+	ShardCount     int           // shards of the sharded queue, default 6
+	ShardProducers int           // EnqueueBatch callers, default 32
+	ShardConsumers int           // Consume streams, default 16
+	ShardBatch     int           // messages per EnqueueBatch, default 250
+	ShardWindow    int           // max_in_flight of the streams, default 1024
+	ShardDuration  time.Duration // measured time of each run (default Duration)
 }
 
 // Row is one line of the table.
@@ -41,6 +51,8 @@ type Row struct {
 	Direct   *Series `json:"direct"`
 	// Ratio is qbridge/direct throughput, median over median.
 	Ratio float64 `json:"ratio"`
+	// Cluster is set on the rows of the shards scenario.
+	Cluster *ClusterRow `json:"cluster,omitempty"`
 }
 
 // Report is the result of a run.
@@ -207,6 +219,18 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			}
 		}
 	}
+	if cfg.on("shards") {
+		if cfg.Scenarios == nil && (cfg.RedisAddr != "" || cfg.QbridgeAddr != "") {
+			// It would not measure the given Redis or qbridge.
+			logf("  shards: skipped (it starts its own Redis Clusters and qbridge servers; ask for it with -scenarios shards)")
+		} else {
+			rows, err := runShards(ctx, cfg, logf)
+			rep.Rows = append(rep.Rows, rows...)
+			if err != nil {
+				return fail(err)
+			}
+		}
+	}
 	if cfg.on("idle") && cfg.IdleStreams > 0 {
 		logf("  idle: opening %d Consume + %d Subscribe streams", cfg.IdleStreams, cfg.IdleStreams)
 		if rep.Idle, err = e.idle(ctx, cfg.IdleStreams, cfg.WakeTries); err != nil {
@@ -263,6 +287,7 @@ func (r *Report) WriteTable(w io.Writer) {
 			lat(x.Qbridge, x.Direct, false), lat(x.Qbridge, x.Direct, true), noise(x.Qbridge), noise(x.Direct))
 	}
 	_ = tw.Flush()
+	r.writeShards(w)
 	if i := r.Idle; i != nil {
 		fmt.Fprintf(w, "\nidle streams: %d Consume + %d Subscribe (opened and settled in %.1fs)\n", i.ConsumeStreams, i.SubscribeStreams, i.OpenSeconds)
 		fmt.Fprintf(w, "  Redis connections (all but the harness's direct ones): %d before, %d with the streams open\n", i.RedisConnsBefore, i.RedisConnsIdle)

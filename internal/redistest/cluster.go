@@ -387,38 +387,55 @@ func (c *Cluster) MasterOf(t testing.TB, key string) int {
 // masterOf returns the index of the node the first running node names
 // as the master of key's slot.
 func (c *Cluster) masterOf(key string) (int, error) {
-	var probe *Server
-	for _, n := range c.nodes {
-		if n.running() {
-			probe = n
-			break
-		}
+	pc, err := c.probe()
+	if err != nil {
+		return -1, err
 	}
-	if probe == nil {
-		return -1, fmt.Errorf("no cluster node runs")
-	}
+	defer pc.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	pc := probe.probeClient()
-	defer pc.Close()
 	slot, err := pc.ClusterKeySlot(ctx, key).Result()
 	if err != nil {
 		return -1, fmt.Errorf("CLUSTER KEYSLOT %q: %w", key, err)
 	}
+	return c.slotOwner(int(slot))
+}
+
+// slotOwner returns the index of the node the first running node names
+// as the master of slot.
+func (c *Cluster) slotOwner(slot int) (int, error) {
+	pc, err := c.probe()
+	if err != nil {
+		return -1, err
+	}
+	defer pc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
 	slots, err := pc.ClusterSlots(ctx).Result()
 	if err != nil {
 		return -1, fmt.Errorf("CLUSTER SLOTS: %w", err)
 	}
 	for _, r := range slots {
-		if int64(r.Start) <= slot && slot <= int64(r.End) && len(r.Nodes) > 0 {
-			for i, n := range c.nodes {
-				if r.Nodes[0].Addr == n.Addr() {
+		if r.Start <= slot && slot <= r.End && len(r.Nodes) > 0 {
+			for i, m := range c.nodes {
+				if r.Nodes[0].Addr == m.Addr() {
 					return i, nil
 				}
 			}
+			return -1, fmt.Errorf("slot %d is served by %s, none of the cluster's nodes", slot, r.Nodes[0].Addr)
 		}
 	}
-	return -1, fmt.Errorf("no node serves slot %d of %q", slot, key)
+	return -1, fmt.Errorf("no node serves slot %d", slot)
+}
+
+// probe returns a client of the first running node (the caller closes it).
+func (c *Cluster) probe() (*redis.Client, error) {
+	for _, n := range c.nodes {
+		if n.running() {
+			return n.probeClient(), nil
+		}
+	}
+	return nil, fmt.Errorf("no cluster node runs")
 }
 
 // KillMasterOf kills, with SIGKILL (by PID), the master that serves

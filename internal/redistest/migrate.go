@@ -284,40 +284,6 @@ func (c *Cluster) migrateSlot(slot, to int, cfg migrateConfig) error {
 	return nil
 }
 
-// slotOwner returns the index of the node the first running node names
-// as the master of slot.
-func (c *Cluster) slotOwner(slot int) (int, error) {
-	var probe *Server
-	for _, n := range c.nodes {
-		if n.running() {
-			probe = n
-			break
-		}
-	}
-	if probe == nil {
-		return -1, fmt.Errorf("no cluster node runs")
-	}
-	pc := probe.probeClient()
-	defer pc.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	slots, err := pc.ClusterSlots(ctx).Result()
-	if err != nil {
-		return -1, fmt.Errorf("CLUSTER SLOTS: %w", err)
-	}
-	for _, r := range slots {
-		if r.Start <= slot && slot <= r.End && len(r.Nodes) > 0 {
-			for i, m := range c.nodes {
-				if r.Nodes[0].Addr == m.Addr() {
-					return i, nil
-				}
-			}
-			return -1, fmt.Errorf("slot %d is served by %s, none of the cluster's nodes", slot, r.Nodes[0].Addr)
-		}
-	}
-	return -1, fmt.Errorf("no node serves slot %d", slot)
-}
-
 // waitSlotSettled waits until every running node names node to (id
 // toID) as slot's master and marks it neither migrating nor importing,
 // and the source holds no key of the slot.
