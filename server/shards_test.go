@@ -1080,16 +1080,18 @@ func TestShardLifecycle(t *testing.T) {
 			idOn[sh] = admEnqueue(t, in.client, &qbridgev1.EnqueueRequest{Queue: q, Payload: []byte("x"), OrderingKey: keys[sh]}).GetId()
 		}
 		shardOf := map[string]uint32{idOn[1]: 1, idOn[2]: 2}
-		s := consume(t, in.client, &qbridgev1.ConsumeRequest{Queue: q, MaxInFlight: 2, LeaseDuration: lease(300 * time.Millisecond)})
-		// Attempt 1: not acked; the lease runs out.
-		for _, d := range shTake(t, s, 2) {
+		// Attempt 1, on a stream that takes these two only: not acked; the
+		// lease runs out.
+		first := consume(t, in.client, &qbridgev1.ConsumeRequest{Queue: q, MaxInFlight: 2, MaxMessages: 2, LeaseDuration: lease(300 * time.Millisecond)})
+		for _, d := range shTake(t, first, 2) {
 			if d.GetAttempt() != 1 || d.GetShard() != shardOf[d.GetId()] {
 				t.Fatalf("first delivery %v", d)
 			}
 		}
-		// Attempt 2, after the lease ran out: from the same shard. Its
-		// lease is extended at once (ExtendLease with tokens of two
-		// shards), so that it does not run out as well.
+		// Attempt 2, after the lease ran out, on a stream with a long
+		// lease (so that a loaded machine cannot let it run out too):
+		// from the same shard. ExtendLease takes tokens of two shards.
+		s := consume(t, in.client, &qbridgev1.ConsumeRequest{Queue: q, MaxInFlight: 2, LeaseDuration: lease(time.Minute)})
 		second := shTake(t, s, 2)
 		if _, err := in.client.ExtendLease(ctxT(t, 5*time.Second), &qbridgev1.ExtendLeaseRequest{
 			AckTokens: []string{second[0].GetAckToken(), second[1].GetAckToken()}, LeaseDuration: lease(time.Hour)}); err != nil {
@@ -1124,8 +1126,8 @@ func TestShardLifecycle(t *testing.T) {
 		const q = "life-delayed"
 		shShard(t, in.admin, q, 4, in.client)
 		keys := shKeyFor(t, in, q, 4)
-		id := admEnqueue(t, in.client, &qbridgev1.EnqueueRequest{Queue: q, Payload: []byte("later"), OrderingKey: keys[3], Delay: durationpb.New(300 * time.Millisecond)}).GetId()
-		at := admEnqueue(t, in.client, &qbridgev1.EnqueueRequest{Queue: q, Payload: []byte("at"), OrderingKey: keys[2], DeliverAt: timestamppb.New(time.Now().Add(400 * time.Millisecond))}).GetId()
+		id := admEnqueue(t, in.client, &qbridgev1.EnqueueRequest{Queue: q, Payload: []byte("later"), OrderingKey: keys[3], Delay: durationpb.New(2 * time.Second)}).GetId()
+		at := admEnqueue(t, in.client, &qbridgev1.EnqueueRequest{Queue: q, Payload: []byte("at"), OrderingKey: keys[2], DeliverAt: timestamppb.New(time.Now().Add(2100 * time.Millisecond))}).GetId()
 		delayed := shShardsOf(t, in.admin, q, stDelayed)
 		if delayed[id] != 3 || delayed[at] != 2 || len(delayed) != 2 {
 			t.Fatalf("peek delayed: %v; want %s on shard 3, %s on 2", delayed, id, at)
