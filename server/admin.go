@@ -101,17 +101,10 @@ func (a *Admin) ListQueues(ctx context.Context, req *qbridgev1.ListQueuesRequest
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	phys, err := a.s.b.RegisteredQueues(ctx)
+	qs, err := a.s.queueNames(ctx)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	// Shards are listed as their queue.
-	qs := make([]string, 0, len(phys))
-	for _, q := range phys {
-		qs = append(qs, broker.Logical(q))
-	}
-	slices.Sort(qs)
-	qs = slices.Compact(qs)
 	if visible, ok := ctx.Value(queueFilterKey{}).(func(string) bool); ok {
 		qs = slices.DeleteFunc(qs, func(q string) bool { return !visible(q) })
 	}
@@ -476,7 +469,7 @@ func (a *Admin) UpdateQueueConfig(ctx context.Context, req *qbridgev1.UpdateQueu
 		// This instance serves the new shards before the call returns;
 		// the others as soon as they hear.
 		a.s.refreshShards(ctx, q)
-		a.s.broadcast(ctx, "shards", q)
+		a.s.announce(ctx, "shards", q)
 		a.s.log.Info("queue sharded", "queue", q, "shards", len(shards))
 	}
 	cfg, err := a.effectiveConfig(ctx, q)
@@ -556,6 +549,12 @@ func (s *Server) broadcastKick(ctx context.Context, queue string) {
 // broadcast applies an event here and announces it to every instance.
 func (s *Server) broadcast(ctx context.Context, verb, queue string) {
 	s.applyEvent(verb + " " + queue)
+	s.announce(ctx, verb, queue)
+}
+
+// announce publishes an event to every instance (this one included, when
+// its pub/sub connection gets it back), without applying it here first.
+func (s *Server) announce(ctx context.Context, verb, queue string) {
 	if _, err := s.b.Publish(ctx, eventsChannel, []byte(verb+" "+queue)); err != nil {
 		s.log.Debug("cannot broadcast an event", "event", verb, "queue", queue, "err", err)
 	}

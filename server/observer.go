@@ -3,14 +3,12 @@ package server
 import (
 	"context"
 	"fmt"
-	"slices"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	qbridgev1 "github.com/qbridge/qbridge/gen/qbridge/v1"
-	"github.com/qbridge/qbridge/server/broker"
 )
 
 // Observer is told of what one instance does, for metrics (package
@@ -52,16 +50,10 @@ func (noObserver) PubSubDropped(int)                       {}
 // failed. Once a node turns out unreachable, its other queues are skipped,
 // so that one dead node costs one timeout, not one per queue.
 func (s *Server) Snapshot(ctx context.Context, max int) (stats []*qbridgev1.GetQueueStatsResponse, truncated bool, err error) {
-	phys, err := s.b.RegisteredQueues(ctx)
+	qs, err := s.queueNames(ctx)
 	if err != nil {
 		return nil, false, fmt.Errorf("list queues: %w", err)
 	}
-	qs := make([]string, 0, len(phys))
-	for _, q := range phys {
-		qs = append(qs, broker.Logical(q)) // a sharded queue's stats cover its shards
-	}
-	slices.Sort(qs)
-	qs = slices.Compact(qs)
 	if max > 0 && len(qs) > max {
 		qs, truncated = qs[:max], true
 	}

@@ -136,6 +136,21 @@ func (s *Server) shardLoop(ctx context.Context) {
 	}
 }
 
+// queueNames returns the names of the queues qbridge has seen, sorted, a
+// sharded queue once (not its shards).
+func (s *Server) queueNames(ctx context.Context) ([]string, error) {
+	phys, err := s.b.RegisteredQueues(ctx)
+	if err != nil {
+		return nil, err
+	}
+	qs := make([]string, 0, len(phys))
+	for _, q := range phys {
+		qs = append(qs, broker.Logical(q))
+	}
+	slices.Sort(qs)
+	return slices.Compact(qs), nil
+}
+
 // pickShards assigns each message of an Enqueue to a shard index of n:
 // ordering key, else dedup key, else the queue's next turn.
 func (s *Server) pickShards(queue string, n int, orderingKeys []string, msgs []broker.NewMessage) []int {
