@@ -89,6 +89,15 @@ func TestRing(t *testing.T) {
 	if s, ok := h.samples("q"); ok || len(s) != 0 {
 		t.Fatalf("q kept: %+v", s)
 	}
+	// A partial snapshot (a node down) adds what it read and forgets
+	// nothing.
+	h.recordPartial(at.Add(11*time.Second), []*qbridgev1.GetQueueStatsResponse{{Queue: "third", Ready: 7}})
+	if s, ok := h.samples("other"); !ok || len(s) != 1 {
+		t.Fatalf("other after a partial snapshot: %v %+v", ok, s)
+	}
+	if s, ok := h.samples("third"); !ok || len(s) != 1 || s[0].Ready != 7 {
+		t.Fatalf("third after a partial snapshot: %v %+v", ok, s)
+	}
 	if !h.failed(nil) || h.failed(nil) {
 		t.Fatal("failed should report the first failure only")
 	}

@@ -735,6 +735,24 @@ func TestSnapshotExported(t *testing.T) {
 	}
 }
 
+// A snapshot that failed for some queues (a Redis Cluster node down) still
+// exports the queues it read, with qbridge_redis_up 0 and the error counted.
+func TestPartialSnapshotExported(t *testing.T) {
+	m := New(func(ctx context.Context, max int) ([]*qbridgev1.GetQueueStatsResponse, bool, error) {
+		return []*qbridgev1.GetQueueStatsResponse{{Queue: "alive", Ready: 2, Counters: &qbridgev1.QueueCounters{}}}, false,
+			errors.New("the stats of 1 of 2 queues could not be read")
+	})
+	hs := httptest.NewServer(m.Handler())
+	defer hs.Close()
+	s := (&harness{url: hs.URL}).scrape(t)
+	ws := queueWants("alive", 2, 0, 0, 0, 0, map[string]float64{"enqueued": 0, "acked": 0, "nacked": 0,
+		"lease_expired": 0, "dead_lettered": 0, "expired": 0})
+	ws = append(ws, want{"qbridge_redis_up", nil, 0}, want{"qbridge_scrape_errors_total", nil, 1})
+	if bad := s.mismatches(t, ws); len(bad) > 0 {
+		t.Error(strings.Join(bad, "\n"))
+	}
+}
+
 // The Observer never gives the queue label more than the cap's values,
 // under concurrent use, and counts every call.
 func TestObserverCap(t *testing.T) {
