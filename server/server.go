@@ -555,13 +555,33 @@ func (s *Server) GetQueueStats(ctx context.Context, req *qbridgev1.GetQueueStats
 	}
 	shards := s.shardsOf(queue)
 	resp := &qbridgev1.GetQueueStatsResponse{Queue: queue, Counters: &qbridgev1.QueueCounters{}}
+	// Each shard is read in its own round trips; the shards at once.
+	stats := make([]broker.Stats, len(shards))
+	typeCounts := make([]map[string]broker.Counters, len(shards))
+	errs := make([]error, len(shards))
+	read := func(i int) {
+		if stats[i], errs[i] = s.b.Stats(ctx, shards[i]); errs[i] == nil {
+			typeCounts[i], errs[i] = s.b.TypeCounters(ctx, shards[i], maxStatsTaskTypes)
+		}
+	}
+	if len(shards) == 1 {
+		read(0)
+	} else {
+		var wg sync.WaitGroup
+		for i := range shards {
+			wg.Go(func() { read(i) })
+		}
+		wg.Wait()
+	}
+	for _, err := range errs {
+		if err != nil {
+			return nil, toStatus(err) // the first shard's failure says enough
+		}
+	}
 	var oldest time.Time
 	types := map[string]*qbridgev1.QueueCounters{}
 	for i, q := range shards {
-		st, err := s.b.Stats(ctx, q)
-		if err != nil {
-			return nil, toStatus(err)
-		}
+		st := stats[i]
 		c := st.Counters
 		resp.Ready += st.Ready
 		resp.InFlight += st.InFlight
@@ -580,11 +600,7 @@ func (s *Server) GetQueueStats(ctx context.Context, req *qbridgev1.GetQueueStats
 		enq, ack := s.rates.rates(q, c)
 		resp.EnqueueRate += enq
 		resp.AckRate += ack
-		tc, err := s.b.TypeCounters(ctx, q, maxStatsTaskTypes)
-		if err != nil {
-			return nil, toStatus(err)
-		}
-		for t, c := range tc {
+		for t, c := range typeCounts[i] {
 			if types[t] == nil {
 				if len(types) >= maxStatsTaskTypes {
 					continue

@@ -166,7 +166,10 @@ func (s *Server) pickShards(queue string, n int, orderingKeys []string, msgs []b
 			continue
 		}
 		if turn < 0 {
-			v, _ := s.shards.rr.LoadOrStore(queue, new(atomic.Uint32))
+			v, ok := s.shards.rr.Load(queue)
+			if !ok { // the first call only: LoadOrStore would allocate on every call
+				v, _ = s.shards.rr.LoadOrStore(queue, new(atomic.Uint32))
+			}
 			turn = int(v.(*atomic.Uint32).Add(1) % uint32(n))
 		}
 		picks[i] = turn
